@@ -1,0 +1,190 @@
+"""polarmace-eval --model M --data F [--output DIR] [--batch-size B]
+
+Evaluates a trained model on a labelled data file: prints a table of MAE/RMSE (energy per atom
+and forces in meV, stress, and dipoles and Born effective charges when labelled, BEC after the
+global sign fix of SPEC §5), writes ``metrics.json``, the predictions as extended XYZ
+(``predictions.xyz``: energy, forces, stress, charges; the references as REF_*), and parity
+plots (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polarmace-eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model file written by polarmace-train")
+    p.add_argument("--data", required=True, help="labelled data: .xyz/.extxyz, input.data or .h5")
+    p.add_argument("--output", default=None, help="output directory (default: <data stem>-eval next to the model)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--key", action="append", default=[], metavar="LABEL=NAME",
+                   help="label key in the data file, e.g. --key energy=REF_energy (default: the model's)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--model-class", default="polarmace.model:PolarMACE", help=argparse.SUPPRESS)
+    return p
+
+
+def load_model(path: str, model_class: str = "polarmace.model:PolarMACE", device: str = "cpu"):
+    module, _, attr = model_class.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    model = cls.load(path)
+    return model.to(device)
+
+
+def _split(t: torch.Tensor, ptr: np.ndarray) -> List[np.ndarray]:
+    a = t.detach().cpu().numpy()
+    return [a[ptr[b]:ptr[b + 1]] for b in range(len(ptr) - 1)]
+
+
+def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu",
+                  keys: Optional[Dict[str, str]] = None):
+    """(metrics dict, list of per-structure records, parity arrays)."""
+    from polarmace.training.loss import bec_signs, fill_derived
+    from polarmace.training.metrics import MetricsAccumulator
+    from polarmace.training.trainer import collate_graph, read_source, to_device
+
+    cfg = dict(getattr(model, "config", {}) or {})
+    dcfg = dict(cfg.get("data") or {})
+    dcfg["keys"] = {**(dcfg.get("keys") or {}), **(keys or {})}
+    dcfg["required_labels"] = []
+    r_max = float((cfg.get("model") or {}).get("r_max", 5.0))
+    dtype = next(model.parameters()).dtype
+    dataset = read_source(data_path, dcfg)
+    acc = MetricsAccumulator()
+    records = []
+    parity: Dict[str, List[np.ndarray]] = {}
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        graph = collate_graph([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], r_max)
+        graph = to_device(graph, torch.device(device), dtype)
+        pred = model(dict(graph), compute_forces=True,
+                     compute_stress=bool(graph["pbc"].any()) or "stress" in graph or "virials" in graph,
+                     compute_bec="bec" in graph)
+        pred = fill_derived({k: v.detach() for k, v in pred.items() if isinstance(v, torch.Tensor)}, graph)
+        acc.update(pred, graph)
+        ptr = graph["ptr"].cpu().numpy()
+        n_struct = len(ptr) - 1
+        nat = graph["num_atoms"].cpu().numpy().astype(float)
+
+        def add(name, ref, prd, mask):
+            m = mask.detach().cpu().numpy() > 0
+            parity.setdefault(name, [[], []])
+            parity[name][0].append(ref[m].reshape(-1))
+            parity[name][1].append(prd[m].reshape(-1))
+
+        def mask_of(key, per_atom=False):
+            m = graph.get(f"{key}_mask")
+            if m is None:
+                m = torch.ones(graph[key].shape[0])
+            if per_atom and m.shape[0] != graph[key].shape[0]:
+                m = m[graph["batch"]]
+            return m
+
+        if "energy" in graph and "energy" in pred:
+            add("energy", graph["energy"].cpu().numpy() / nat, pred["energy"].cpu().numpy() / nat, mask_of("energy"))
+        if "forces" in graph and "forces" in pred:
+            add("forces", graph["forces"].cpu().numpy(), pred["forces"].cpu().numpy(), mask_of("forces", True))
+        if "stress" in graph and "stress" in pred:
+            add("stress", graph["stress"].cpu().numpy(), pred["stress"].cpu().numpy(), mask_of("stress"))
+        if "dipole" in graph and "dipole" in pred:
+            add("dipole", graph["dipole"].cpu().numpy(), pred["dipole"].cpu().numpy(), mask_of("dipole"))
+        if "bec" in graph and "bec" in pred:
+            s = bec_signs(pred["bec"], graph["bec"], graph["batch"], n_struct)
+            fixed = s[graph["batch"]][:, None, None] * pred["bec"]
+            add("bec", graph["bec"].cpu().numpy(), fixed.cpu().numpy(), mask_of("bec", True))
+        per_atom = {k: _split(pred[k], ptr) for k in ("forces", "charges", "bec") if k in pred}
+        ref_atom = {k: _split(graph[k], ptr) for k in ("forces", "bec") if k in graph}
+        for b in range(n_struct):
+            rec = {
+                "numbers": graph["atomic_numbers"][ptr[b]:ptr[b + 1]].cpu().numpy(),
+                "positions": graph["positions"][ptr[b]:ptr[b + 1]].detach().cpu().numpy(),
+                "cell": graph["cell"][b].cpu().numpy(), "pbc": graph["pbc"][b].cpu().numpy(),
+                "energy": float(pred["energy"][b]),
+                "stress": pred["stress"][b].cpu().numpy() if "stress" in pred and bool(graph["pbc"][b].all()) else None,
+                "dipole": pred["dipole"][b].cpu().numpy() if "dipole" in pred else None,
+                "atoms": {k: v[b] for k, v in per_atom.items()},
+                "ref": {k: v[b] for k, v in ref_atom.items()},
+            }
+            if "energy" in graph and float(mask_of("energy")[b]) > 0:
+                rec["ref"]["energy"] = float(graph["energy"][b])
+            records.append(rec)
+    arrays = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in parity.items()}
+    return acc.compute(), records, arrays
+
+
+def write_predictions(records, path: Path) -> None:
+    import ase
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for rec in records:
+        atoms = ase.Atoms(numbers=rec["numbers"], positions=rec["positions"], cell=rec["cell"], pbc=rec["pbc"])
+        results = {"energy": rec["energy"], "free_energy": rec["energy"]}
+        if "forces" in rec["atoms"]:
+            results["forces"] = rec["atoms"]["forces"]
+        if rec["stress"] is not None:
+            s = rec["stress"]
+            results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        if "charges" in rec["atoms"]:
+            results["charges"] = rec["atoms"]["charges"]
+        if rec["dipole"] is not None:
+            results["dipole"] = rec["dipole"]
+        if "bec" in rec["atoms"]:
+            atoms.arrays["BEC"] = rec["atoms"]["bec"].reshape(len(atoms), 9)
+        if "energy" in rec["ref"]:
+            atoms.info["REF_energy"] = rec["ref"]["energy"]
+        if "forces" in rec["ref"]:
+            atoms.arrays["REF_forces"] = rec["ref"]["forces"]
+        if "bec" in rec["ref"]:
+            atoms.arrays["REF_BEC"] = rec["ref"]["bec"].reshape(len(atoms), 9)
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    ase.io.write(str(path), frames, format="extxyz")
+
+
+_PARITY = {"energy": ("energy per atom", "eV/atom"), "forces": ("forces", "eV/Å"), "stress": ("stress", "eV/Å³"),
+           "dipole": ("dipole", "e·Å"), "bec": ("BEC (sign-fixed)", "e")}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    from polarmace.training import plots
+    from polarmace.training.metrics import format_table
+
+    keys = {}
+    for item in args.key:
+        if "=" not in item:
+            print(f"polarmace-eval: --key expects LABEL=NAME, got {item!r}", file=sys.stderr)
+            return 2
+        k, v = item.split("=", 1)
+        keys[k.strip()] = v.strip()
+    model = load_model(args.model, args.model_class, args.device)
+    out = Path(args.output) if args.output else Path(args.model).parent / f"{Path(args.data).stem}-eval"
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.enable_grad():
+        metrics, records, arrays = evaluate_file(model, args.data, args.batch_size, args.device, keys)
+    print(format_table({Path(args.data).name: metrics}, title=f"{args.model} on {args.data}"))
+    (out / "metrics.json").write_text(json.dumps({"model": str(args.model), "data": str(args.data),
+                                                  "num_structures": len(records), "metrics": metrics}, indent=1))
+    write_predictions(records, out / "predictions.xyz")
+    if not args.no_plots:
+        for name, (ref, pred) in arrays.items():
+            label, unit = _PARITY[name]
+            plots.parity_plot(ref, pred, out / f"parity_{name}.png", label, unit)
+    print(f"wrote {out / 'metrics.json'}, {out / 'predictions.xyz'}" + ("" if args.no_plots else ", parity plots"))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

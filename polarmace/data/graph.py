@@ -1,0 +1,212 @@
+"""Batches of structures as graph dicts (the model's input), batch samplers and data loaders.
+
+The graph dict (see .notes/INTERFACES.md) maps the key constants below to tensors:
+positions [N,3], atomic_numbers [N], batch [N], ptr [B+1], cell [B,3,3], pbc [B,3],
+edge_index [2,E] (row 0 centre i, row 1 neighbour j), shifts [E,3] (vector = r_j − r_i +
+shifts @ cell[batch[i]]), total_charge [B], external_field [B,3], num_atoms [B], weight [B],
+and, for each label that at least one structure of the batch carries, the label and its float
+mask (energy/stress/virials/dipole: [B]; forces/bec: [N]); entries without the label are zero.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..neighbours import neighbour_pairs
+from .atoms import LABEL_NAMES, PER_ATOM_LABELS, Configuration, stack_label
+
+__all__ = [
+    "POSITIONS", "ATOMIC_NUMBERS", "BATCH", "PTR", "CELL", "PBC", "EDGE_INDEX", "SHIFTS", "TOTAL_CHARGE",
+    "EXTERNAL_FIELD", "NUM_ATOMS", "WEIGHT", "ENERGY", "FORCES", "STRESS", "VIRIALS", "DIPOLE", "BEC",
+    "ENERGY_MASK", "FORCES_MASK", "STRESS_MASK", "VIRIALS_MASK", "DIPOLE_MASK", "BEC_MASK",
+    "LABELS", "PER_ATOM_LABELS", "mask_key", "collate", "BatchSampler", "make_loader",
+]
+
+POSITIONS = "positions"
+ATOMIC_NUMBERS = "atomic_numbers"
+BATCH = "batch"
+PTR = "ptr"
+CELL = "cell"
+PBC = "pbc"
+EDGE_INDEX = "edge_index"
+SHIFTS = "shifts"
+TOTAL_CHARGE = "total_charge"
+EXTERNAL_FIELD = "external_field"
+NUM_ATOMS = "num_atoms"
+WEIGHT = "weight"
+
+ENERGY = "energy"
+FORCES = "forces"
+STRESS = "stress"
+VIRIALS = "virials"
+DIPOLE = "dipole"
+BEC = "bec"
+
+#: Every label key, in the order of LABEL_NAMES.
+LABELS = (ENERGY, FORCES, STRESS, VIRIALS, DIPOLE, BEC)
+assert LABELS == LABEL_NAMES
+# PER_ATOM_LABELS (forces, bec; from .atoms): masks [N]; the other labels have masks [B].
+
+
+def mask_key(label: str) -> str:
+    """The key of a label's mask: mask_key("energy") == "energy_mask"."""
+    return f"{label}_mask"
+
+
+ENERGY_MASK = mask_key(ENERGY)
+FORCES_MASK = mask_key(FORCES)
+STRESS_MASK = mask_key(STRESS)
+VIRIALS_MASK = mask_key(VIRIALS)
+DIPOLE_MASK = mask_key(DIPOLE)
+BEC_MASK = mask_key(BEC)
+
+
+def collate(configurations: Sequence[Configuration], cutoff: float, dtype: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
+    """Batch structures into one graph dict with neighbour lists within `cutoff` (Å)."""
+    if len(configurations) == 0:
+        raise ValueError("cannot collate an empty list of structures")
+    counts = np.array([c.num_atoms for c in configurations], dtype=np.int64)
+    nb = len(configurations)
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    positions = torch.from_numpy(np.concatenate([c.positions for c in configurations])).to(dtype)
+    cell = torch.from_numpy(np.stack([c.cell for c in configurations])).to(dtype)
+    pbc = torch.from_numpy(np.stack([c.pbc for c in configurations]).astype(bool))
+    batch = torch.from_numpy(np.repeat(np.arange(nb, dtype=np.int64), counts))
+    edge_index, shifts = neighbour_pairs(positions, cell, pbc, batch, cutoff)
+    field, _ = stack_label(configurations, "external_field")
+    graph: Dict[str, torch.Tensor] = {
+        POSITIONS: positions,
+        ATOMIC_NUMBERS: torch.from_numpy(np.concatenate([c.atomic_numbers for c in configurations]).astype(np.int64)),
+        BATCH: batch,
+        PTR: torch.from_numpy(ptr),
+        CELL: cell,
+        PBC: pbc,
+        EDGE_INDEX: edge_index,
+        SHIFTS: shifts,
+        TOTAL_CHARGE: torch.tensor([c.total_charge for c in configurations], dtype=dtype),
+        EXTERNAL_FIELD: torch.from_numpy(field).to(dtype),
+        NUM_ATOMS: torch.from_numpy(counts),
+        WEIGHT: torch.tensor([c.weight for c in configurations], dtype=dtype),
+    }
+    for label in LABELS:
+        values, present = stack_label(configurations, label)
+        if not present.any():
+            continue
+        mask = np.repeat(present, counts) if label in PER_ATOM_LABELS else present
+        graph[label] = torch.from_numpy(values).to(dtype)
+        graph[mask_key(label)] = torch.from_numpy(mask).to(dtype)
+    return graph
+
+
+class BatchSampler(torch.utils.data.Sampler):
+    """Batches of structure indices, by count and/or by a cap on the summed size.
+
+    Structures are taken in order (or in a seeded random order) and a batch is closed when
+    adding the next one would exceed `batch_size` structures or `max_size` summed `sizes`
+    (atoms per structure, or any other per-structure cost such as edges). A structure larger
+    than `max_size` on its own is an error.
+
+    Shuffling: epoch e uses the permutation of numpy's default_rng([seed, e]). The epoch
+    counter starts at 0 and advances by one when a new iteration starts after one that yielded
+    batches (torch's multi-worker loader calls iter() twice per epoch, so advancing on every
+    iter() would skip epochs); `set_epoch(e)` pins the next iteration to epoch e. Two samplers
+    with the same seed give the same sequence of batches.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: Optional[int] = None, max_size: Optional[int] = None,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False):
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if batch_size is None and max_size is None:
+            raise ValueError("give batch_size and/or max_size")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_size is not None:
+            if max_size < 1:
+                raise ValueError(f"max_size must be >= 1, got {max_size}")
+            too_big = np.flatnonzero(self.sizes > max_size)
+            if len(too_big):
+                b = int(too_big[0])
+                raise ValueError(f"structure {b} has size {int(self.sizes[b])} (atoms), more than the maximum of "
+                                 f"{max_size} per batch; raise max_atoms_per_batch to at least {int(self.sizes.max())}")
+        self.batch_size = batch_size
+        self.max_size = max_size
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._started = False
+        self._cache: Optional[tuple] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._started = False
+
+    def batches(self, epoch: Optional[int] = None) -> List[List[int]]:
+        """The batches of an epoch (default: the current one)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        key = (epoch if self.shuffle else 0,)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        n = len(self.sizes)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        out: List[List[int]] = []
+        current: List[int] = []
+        total = 0
+        for index in order:
+            size = int(self.sizes[index])
+            full = (self.batch_size is not None and len(current) >= self.batch_size) or \
+                   (self.max_size is not None and total + size > self.max_size)
+            if current and full:
+                out.append(current)
+                current, total = [], 0
+            current.append(int(index))
+            total += size
+        if current:
+            complete = self.batch_size is None or len(current) == self.batch_size
+            if complete or not self.drop_last:
+                out.append(current)
+        self._cache = (key, out)
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if self._started:
+            self.epoch += 1
+            self._started = False
+        return self._yield(self.batches())
+
+    def _yield(self, batches: List[List[int]]) -> Iterator[List[int]]:
+        for batch in batches:
+            self._started = True
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def _sizes(dataset: Any) -> np.ndarray:
+    sizes = getattr(dataset, "num_atoms", None)
+    if sizes is not None and not callable(sizes):
+        return np.asarray(sizes, dtype=np.int64)
+    return np.array([dataset[i].num_atoms for i in range(len(dataset))], dtype=np.int64)
+
+
+def make_loader(dataset: Any, cutoff: float, batch_size: Optional[int], max_atoms_per_batch: Optional[int] = None,
+                shuffle: bool = False, seed: int = 0, num_workers: int = 0, dtype: torch.dtype = torch.float64,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset` (an HDF5Dataset or any sequence of Configuration) that
+    yields graph dicts with neighbour lists within `cutoff`. Batches hold at most `batch_size`
+    structures and at most `max_atoms_per_batch` atoms; shuffling is seeded (see BatchSampler;
+    call `loader.batch_sampler.set_epoch(e)` to pin the order of an epoch)."""
+    if len(dataset) == 0:
+        raise ValueError("cannot make a loader over an empty dataset")
+    sampler = BatchSampler(_sizes(dataset), batch_size=batch_size, max_size=max_atoms_per_batch,
+                           shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers,
+        collate_fn=functools.partial(collate, cutoff=float(cutoff), dtype=dtype),
+        persistent_workers=False)

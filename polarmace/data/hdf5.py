@@ -1,0 +1,341 @@
+"""Training sets in HDF5 (h5py): write once with `write_dataset`, read lazily with `HDF5Dataset`.
+
+Layout (format "polarmace-hdf5", version 1)::
+
+    /                       attrs: format, format_version, statistics (JSON), polarmace_version
+    /elements               [E] int64 atomic numbers (sorted)
+    /atoms/atomic_numbers   [N_total] int64      concatenated over structures
+    /atoms/positions        [N_total, 3] Å
+    /atoms/forces           [N_total, 3] eV/Å     (only if some structure has forces; zeros elsewhere)
+    /atoms/bec              [N_total, 3, 3] e     (only if some structure has BEC)
+    /configs/ptr            [B+1] int64          atoms of structure b: ptr[b]:ptr[b+1]
+    /configs/cell [B,3,3]  pbc [B,3]  total_charge [B]  weight [B]  info [B] (JSON strings)
+    /configs/<label> and /configs/<label>_mask [B] bool for energy, stress, virials, dipole,
+        external_field (only if some structure has it), and forces_mask / bec_mask [B].
+
+Per-atom arrays are chunked and compressed; per-structure arrays (small) are read into memory
+when the dataset is opened. Statistics (see `compute_statistics`) are stored as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch.utils.data
+
+from .atoms import (LABEL_NAMES, PER_ATOM_LABELS, Configuration, DataError, read_configurations, stack_label,
+                    validate_configuration)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_dataset", "HDF5Dataset", "compute_statistics", "open_dataset"]
+
+FORMAT = "polarmace-hdf5"
+FORMAT_VERSION = 1
+
+#: Per-structure arrays stored with a mask (only when some structure has them).
+_PER_CONFIG = ("energy", "stress", "virials", "dipole", "external_field")
+_ATOM_CHUNK = 2048
+
+
+def _atomic_numbers(elements: Optional[Sequence[Union[str, int]]]) -> Optional[List[int]]:
+    if elements is None:
+        return None
+    from ase.data import atomic_numbers
+
+    out = []
+    for e in elements:
+        if isinstance(e, str):
+            if e not in atomic_numbers or atomic_numbers[e] == 0:
+                raise DataError(f"unknown element symbol {e!r} in elements")
+            out.append(atomic_numbers[e])
+        else:
+            out.append(int(e))
+    return sorted(set(out))
+
+
+def compute_statistics(configurations: Sequence[Configuration], elements: Optional[Sequence[Union[str, int]]] = None,
+                       r_max: Optional[float] = None, progress: bool = False) -> Dict[str, Any]:
+    """Statistics of a training set, JSON-serialisable.
+
+    Returns a dict with
+        elements: symbols (sorted by Z); num_configs; num_atoms;
+        e0s: {symbol: eV} by least squares of E_b ≈ Σ_e n_be E0_e over structures with energy
+             (minimum-norm solution when the compositions do not determine it);
+        mean_energy_per_atom: mean of E_b / N_b;
+        mean_interaction_energy_per_atom: mean of (E_b − Σ_e n_be E0_e) / N_b;
+        force_rms: sqrt(mean of all force components squared);
+        avg_num_neighbors: mean number of neighbours within r_max (periodic images included);
+        r_max.
+    Values that the data cannot give are None.
+    """
+    from ase.data import chemical_symbols
+
+    present = sorted({int(z) for c in configurations for z in np.unique(c.atomic_numbers)})
+    zs = _atomic_numbers(elements)
+    if zs is None:
+        zs = present
+    missing = sorted(set(present) - set(zs))
+    if missing:
+        raise DataError(f"the data contains elements {[chemical_symbols[z] for z in missing]} that are not "
+                        f"in the element list {[chemical_symbols[z] for z in zs]}")
+    column = {z: k for k, z in enumerate(zs)}
+    counts = np.zeros((len(configurations), len(zs)))
+    for b, c in enumerate(configurations):
+        u, n = np.unique(c.atomic_numbers, return_counts=True)
+        counts[b, [column[int(z)] for z in u]] = n
+    natoms = counts.sum(axis=1)
+    with_energy = np.array([c.energy is not None for c in configurations], dtype=bool)
+    stats: Dict[str, Any] = {
+        "elements": [chemical_symbols[z] for z in zs],
+        "num_configs": len(configurations),
+        "num_atoms": int(natoms.sum()),
+        "e0s": None, "mean_energy_per_atom": None, "mean_interaction_energy_per_atom": None,
+        "force_rms": None, "avg_num_neighbors": None, "r_max": None if r_max is None else float(r_max),
+    }
+    if with_energy.any():
+        energies = np.array([c.energy for c in configurations if c.energy is not None])
+        a = counts[with_energy]
+        e0, *_ = np.linalg.lstsq(a, energies, rcond=None)
+        stats["e0s"] = {chemical_symbols[z]: float(v) for z, v in zip(zs, e0)}
+        stats["mean_energy_per_atom"] = float(np.mean(energies / natoms[with_energy]))
+        stats["mean_interaction_energy_per_atom"] = float(np.mean((energies - a @ e0) / natoms[with_energy]))
+    forces = [c.forces for c in configurations if c.forces is not None]
+    if forces:
+        f = np.concatenate(forces)
+        stats["force_rms"] = float(np.sqrt(np.mean(f ** 2)))
+    if r_max is not None:
+        stats["avg_num_neighbors"] = _avg_num_neighbors(configurations, float(r_max), progress)
+    return stats
+
+
+def _avg_num_neighbors(configurations: Sequence[Configuration], r_max: float, progress: bool) -> float:
+    from tqdm.auto import tqdm
+
+    from ..neighbours import neighbour_pairs
+
+    edges = atoms = 0
+    for c in tqdm(configurations, desc="neighbours", disable=not progress, unit="struct"):
+        edge_index, _ = neighbour_pairs(torch.from_numpy(c.positions), torch.from_numpy(c.cell)[None],
+                                        torch.from_numpy(c.pbc)[None], torch.zeros(c.num_atoms, dtype=torch.long), r_max)
+        edges += edge_index.shape[1]
+        atoms += c.num_atoms
+    return edges / atoms
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def write_dataset(path: Union[str, Path], configurations: Sequence[Configuration],
+                  elements: Optional[Sequence[Union[str, int]]] = None, progress: bool = True,
+                  r_max: Optional[float] = None, compression: Optional[str] = "lzf") -> Dict[str, Any]:
+    """Write structures to an HDF5 training set and return its statistics.
+
+    The file is written under a temporary name and renamed when complete, so an interrupted run
+    never leaves a half-written set behind. `elements` (symbols or atomic numbers) fixes the
+    element list (it must contain every element of the data); `r_max` adds avg_num_neighbors
+    to the statistics. `compression`: "lzf" (fast), "gzip" or None.
+    """
+    import h5py
+
+    from .. import __version__
+
+    path = Path(path)
+    configurations = list(configurations)
+    if not configurations:
+        raise DataError(f"{path}: no structures to write")
+    for i, c in enumerate(configurations):
+        validate_configuration(c, f"structure {i}", min_distance=None)
+    stats = compute_statistics(configurations, elements, r_max, progress)
+    from ase.data import atomic_numbers as z_of
+
+    ptr = np.concatenate([[0], np.cumsum([c.num_atoms for c in configurations])]).astype(np.int64)
+    total = int(ptr[-1])
+    opts = {"compression": compression} if compression else {}
+    if compression == "gzip":
+        opts["compression_opts"] = 4
+        opts["shuffle"] = True
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["polarmace_version"] = __version__
+            f.attrs["statistics"] = json.dumps(stats)
+            f.create_dataset("elements", data=np.array([z_of[s] for s in stats["elements"]], dtype=np.int64))
+            atoms = f.create_group("atoms")
+            conf = f.create_group("configs")
+
+            chunk = min(total, _ATOM_CHUNK)
+            atom_arrays = {"atomic_numbers": np.concatenate([c.atomic_numbers for c in configurations]),
+                           "positions": np.concatenate([c.positions for c in configurations])}
+            for name in PER_ATOM_LABELS:
+                values, mask = stack_label(configurations, name)
+                conf.create_dataset(f"{name}_mask", data=mask)
+                if mask.any():
+                    atom_arrays[name] = values
+            for name, values in atom_arrays.items():
+                atoms.create_dataset(name, data=values, chunks=(chunk,) + values.shape[1:], **opts)
+            conf.create_dataset("ptr", data=ptr)
+            conf.create_dataset("cell", data=np.stack([c.cell for c in configurations]), **opts)
+            conf.create_dataset("pbc", data=np.stack([c.pbc for c in configurations]).astype(bool))
+            conf.create_dataset("total_charge", data=np.array([c.total_charge for c in configurations]))
+            conf.create_dataset("weight", data=np.array([c.weight for c in configurations]))
+            for name in _PER_CONFIG:
+                values, mask = stack_label(configurations, name)
+                if mask.any():
+                    conf.create_dataset(name, data=values, **opts)
+                    conf.create_dataset(f"{name}_mask", data=mask)
+            info = [json.dumps(c.info, default=_json_default) for c in configurations]
+            conf.create_dataset("info", data=info, dtype=h5py.string_dtype())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return stats
+
+
+def _open(path: str):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file (truncated, corrupt or another format): {exc}") from exc
+
+
+class HDF5Dataset(torch.utils.data.Dataset):
+    """A polarmace HDF5 set as a torch Dataset of `Configuration` objects.
+
+    The file is opened for each process on first access (not in __init__, whose handle is
+    closed again), so the dataset can be pickled into DataLoader workers. Per-structure arrays
+    are held in memory; per-atom arrays are read on access.
+
+    Attributes: path, statistics (dict, see compute_statistics), elements (symbols),
+    num_atoms ([B] int64).
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = str(path)
+        self._file = None
+        self._pid: Optional[int] = None
+        with _open(self.path) as f:
+            fmt = f.attrs.get("format")
+            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            if fmt != FORMAT:
+                raise DataError(f"{self.path}: not a polarmace dataset (format attribute {fmt!r}, expected "
+                                f"{FORMAT!r}); convert the data with polarmace-prepare")
+            version = int(f.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise DataError(f"{self.path}: dataset format version {version}, this polarmace reads version "
+                                f"{FORMAT_VERSION}; re-create the file with polarmace-prepare")
+            try:
+                self.statistics: Dict[str, Any] = json.loads(f.attrs["statistics"])
+                from ase.data import chemical_symbols
+
+                self.elements: List[str] = [chemical_symbols[int(z)] for z in f["elements"][()]]
+                self._configs = {name: ds[()] for name, ds in f["configs"].items()}
+                self._per_atom = [name for name in PER_ATOM_LABELS if name in f["atoms"]]
+                for name in ("atomic_numbers", "positions"):
+                    f["atoms"][name].shape  # noqa: B018 - presence check
+            except (KeyError, OSError, ValueError) as exc:
+                raise DataError(f"{self.path}: corrupt polarmace dataset: {exc}") from exc
+        for name in ("ptr", "cell", "pbc", "total_charge", "weight", "info"):
+            if name not in self._configs:
+                raise DataError(f"{self.path}: corrupt polarmace dataset: missing configs/{name}")
+        self._ptr = self._configs["ptr"].astype(np.int64)
+
+    @property
+    def num_atoms(self) -> np.ndarray:
+        return np.diff(self._ptr)
+
+    def __len__(self) -> int:
+        return len(self._ptr) - 1
+
+    def _handle(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file = _open(self.path)
+            self._pid = os.getpid()
+        return self._file
+
+    def __getitem__(self, index: int) -> Configuration:
+        n = len(self)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"structure {index} out of range for {n} structures in {self.path}")
+        index %= n
+        s, e = int(self._ptr[index]), int(self._ptr[index + 1])
+        c = self._configs
+        try:
+            atoms = self._handle()["atoms"]
+            per_atom = {name: atoms[name][s:e] if c[f"{name}_mask"][index] else None for name in self._per_atom}
+            numbers, positions = atoms["atomic_numbers"][s:e], atoms["positions"][s:e]
+        except (KeyError, OSError) as exc:
+            raise DataError(f"{self.path}: cannot read structure {index} (corrupt file?): {exc}") from exc
+        labels = {name: c[name][index] if name in c and c[f"{name}_mask"][index] else None for name in _PER_CONFIG}
+        info = c["info"][index]
+        return Configuration(
+            atomic_numbers=numbers, positions=positions, cell=c["cell"][index], pbc=c["pbc"][index],
+            total_charge=c["total_charge"][index], weight=c["weight"][index],
+            info=json.loads(info.decode() if isinstance(info, bytes) else info), **labels, **per_atom)
+
+    def label_mask(self, label: str) -> np.ndarray:
+        """[B] bool: which structures carry `label` (one of LABEL_NAMES)."""
+        if label not in LABEL_NAMES:
+            raise ValueError(f"unknown label {label!r}; labels are {', '.join(LABEL_NAMES)}")
+        mask = self._configs.get(f"{label}_mask")
+        return np.zeros(len(self), dtype=bool) if mask is None else mask.astype(bool)
+
+    def has_label(self, label: str) -> bool:
+        """Whether any structure of the set carries `label`."""
+        return bool(self.label_mask(label).any())
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+                self._pid = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def open_dataset(path: Union[str, Path], keys: Any = None, default_total_charge: float = 0.0,
+                 required: Optional[Sequence[str]] = None) -> Union[HDF5Dataset, List[Configuration]]:
+    """An HDF5Dataset for .h5/.hdf5 files, else the list of structures read from the file.
+
+    Both work as the `dataset` of `make_loader`. For HDF5 the keys and total charge were fixed
+    when the file was written; required labels are checked against its masks.
+    """
+    from .atoms import KeySpec, detect_format
+
+    if detect_format(path) == "hdf5":
+        dataset = HDF5Dataset(path)
+        spec = KeySpec.from_config(keys, required)
+        for label in spec.required:
+            missing = np.flatnonzero(~dataset.label_mask(label))
+            if len(missing):
+                raise DataError(f"{path}: structure {int(missing[0])}: required label '{label}' is missing")
+        return dataset
+    return read_configurations(path, keys, default_total_charge, required=required)

@@ -1,0 +1,363 @@
+"""The `Electrostatics` module: energy, potentials, fields and linear response of
+Gaussian-smeared multipoles for batches of periodic, slab and open structures (SPEC §2–§4).
+
+Conventions (see kernels.py): the pair kernel is k_e·erf(r/(√2σ))/r; sources carry charges q,
+dipoles μ and traceless second moments Θ. For periodic cells the k = 0 term is dropped, so a net
+charge Q sits on a uniform neutralising background; the energy includes that background's
+interaction with the short-range part of the split kernel, −(π k_e Q²/2V)(1/β² − 1/a²), which
+makes it independent of the Ewald splitting parameter β (a = 1/(√2σ)). With σ > 0 the default
+split is β = a: the real-space part vanishes and the reciprocal sum, truncated where its Gaussian
+has decayed to `accuracy`, is the whole answer. Point multipoles (σ = 0) use a real-space part
+over a neighbour list.
+
+Slabs (pbc = [T, T, F], a padded 3D cell) add the Yeh–Berkowitz correction with its
+charged-system generalisation (Ballenegger, Arnold & Cerdà 2009):
+    E_YB = (2π k_e/V) [M_z² − Q Σ_i (q_i z_i² + 2 μ_iz z_i) − Q² L_z²/12]
+with z along the slab normal and L_z the cell height along it.
+
+External field E_ext (V/Å): for open structures it couples to everything through the external
+potential −E_ext·r (charges, induced charges) and the field (dipoles, induced dipoles), so
+−∂E/∂E_ext is the total dipole. For periodic structures it is NOT coupled in the energy (the
+position operator is not periodic): apply it through Born effective charges instead
+(`observables.born_effective_charges`), which is not conservative.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from polarmace.units import COULOMB
+from polarmace.electrostatics.validation import validate_inputs
+from polarmace.electrostatics.response import induced_charges, induced_dipoles, segment_sum
+from polarmace.electrostatics import kernels, direct, ewald, pme
+
+
+class ElectrostaticsResult(NamedTuple):
+    """What `Electrostatics.forward` returns (per structure [B], per atom [N])."""
+
+    energy: torch.Tensor                     # [B] eV, total (permanent + response + field)
+    potential: torch.Tensor                  # [N] V, from all other permanent multipoles
+    field: torch.Tensor                      # [N,3] V/Å, likewise (external field not included)
+    induced_charges: Optional[torch.Tensor]  # [N] e
+    induced_dipoles: Optional[torch.Tensor]  # [N,3] e·Å
+    permanent_energy: torch.Tensor           # [B] eV, multipole–multipole energy
+    response_energy: torch.Tensor            # [B] eV, induced charges + induced dipoles
+    charges: torch.Tensor                    # [N] e, permanent charges after the total-charge constraint
+
+
+def _reindex(mask_structures: torch.Tensor, batch: torch.Tensor,
+             atom_index: torch.Tensor) -> torch.Tensor:
+    """New contiguous structure indices for the atoms of a subset of structures."""
+    new_id = torch.cumsum(mask_structures.long(), 0) - 1
+    return new_id[batch[atom_index]]
+
+
+@torch.jit.ignore
+def _neighbour_list(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                    batch: torch.Tensor, cutoff: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from polarmace.neighbours import neighbour_pairs
+    return neighbour_pairs(positions, cell, pbc, batch, cutoff)
+
+
+class Electrostatics(torch.nn.Module):
+    """Electrostatics of Gaussian-smeared multipoles, batched, differentiable twice.
+
+    Args:
+        sigma: Gaussian width σ in Å (0 = point multipoles).
+        method: "auto" (direct sums for open structures, Ewald for small periodic cells, PME for
+            large ones), "ewald", "pme" or "direct" (open structures only).
+        accuracy: relative truncation error of the reciprocal (and real-space) sums.
+        kspace: "converged" (default) or "les": the original method's truncated k-set
+            |k| ≤ 2π/dl, reciprocal only, kept to reproduce published models (not converged at
+            σ = 1 and discontinuous under strain).
+        dl: k-space resolution in Å for kspace="les".
+        remove_self_interaction: if False the Gaussian self-energy of every multipole is added.
+        splitting: Ewald β in 1/Å (None: β = 1/(√2σ) for σ > 0, else from real_space_cutoff).
+        real_space_cutoff: Å, for point multipoles (σ = 0) or an explicit β < a.
+        pme_order: B-spline order of the particle mesh (≥ 5 with quadrupoles).
+        pme_threshold: "auto" switches to PME above this many atoms in a periodic structure.
+        charge_conservation: induced charges conserve the total charge; None = only where a
+            total_charge is given.
+    """
+
+    def __init__(self, sigma: float = 1.0, method: str = "auto", accuracy: float = 1e-6,
+                 kspace: str = "converged", dl: float = 2.0, remove_self_interaction: bool = True,
+                 splitting: Optional[float] = None, real_space_cutoff: float = 9.0,
+                 pme_order: int = 6, pme_threshold: int = 2000,
+                 charge_conservation: Optional[bool] = None) -> None:
+        super().__init__()
+        if sigma < 0:
+            raise ValueError(f"Electrostatics: sigma must be >= 0, got {sigma}")
+        if method not in ("auto", "ewald", "pme", "direct"):
+            raise ValueError(f"Electrostatics: unknown method {method!r}; "
+                             "choose 'auto', 'ewald', 'pme' or 'direct'")
+        if kspace not in ("converged", "les"):
+            raise ValueError(f"Electrostatics: unknown kspace {kspace!r}; choose 'converged' or 'les'")
+        if not 0.0 < accuracy < 1.0:
+            raise ValueError(f"Electrostatics: accuracy must lie in (0, 1), got {accuracy}")
+        if sigma == 0.0 and not remove_self_interaction:
+            raise ValueError("Electrostatics: point multipoles (sigma=0) have an infinite "
+                             "self-energy; use remove_self_interaction=True")
+        if kspace == "les" and sigma == 0.0:
+            raise ValueError("Electrostatics: kspace='les' is a reciprocal-only sum and needs sigma > 0")
+        if kspace == "les" and method == "pme":
+            raise ValueError("Electrostatics: kspace='les' uses the explicit k-set; use method='ewald' or 'auto'")
+        self.sigma = float(sigma)
+        self.method = method
+        self.accuracy = float(accuracy)
+        self.kspace = kspace
+        self.dl = float(dl)
+        self.remove_self_interaction = remove_self_interaction
+        self.pme_order = int(pme_order)
+        self.pme_threshold = int(pme_threshold)
+        self.charge_conservation = charge_conservation
+        self.real_space_cutoff = float(real_space_cutoff)
+        self.coulomb = COULOMB  # attribute: TorchScript cannot read module-level floats
+        # Gaussian exponent of the full kernel (∞ for point multipoles, stored as 0 = "none").
+        self.a = 1.0 / (math.sqrt(2.0) * sigma) if sigma > 0 else 0.0
+        if kspace == "les":
+            beta = self.a
+        elif splitting is not None:
+            beta = float(splitting)
+            if sigma > 0 and beta > self.a:
+                raise ValueError(f"Electrostatics: splitting β={beta} must be <= 1/(√2σ)={self.a:.6f}")
+        elif sigma > 0:
+            beta = self.a
+        else:
+            beta = math.sqrt(-math.log(accuracy)) / real_space_cutoff
+        self.beta = beta
+        self.needs_real_space = sigma == 0.0 or beta < self.a * (1.0 - 1e-12)
+        if self.needs_real_space and splitting is not None:
+            # real-space cutoff where erfc(β r) has decayed to the accuracy
+            self.real_space_cutoff = math.sqrt(-math.log(accuracy)) / beta
+        self.kmax = 2.0 * beta * math.sqrt(-math.log(accuracy))
+
+    def extra_repr(self) -> str:
+        return (f"sigma={self.sigma}, method={self.method!r}, accuracy={self.accuracy}, "
+                f"kspace={self.kspace!r}, beta={self.beta:.4f}")
+
+    def forward(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                charges: torch.Tensor, dipoles: Optional[torch.Tensor] = None,
+                quadrupoles: Optional[torch.Tensor] = None, kappa: Optional[torch.Tensor] = None,
+                alpha: Optional[torch.Tensor] = None, batch: Optional[torch.Tensor] = None,
+                external_field: Optional[torch.Tensor] = None,
+                total_charge: Optional[torch.Tensor] = None) -> ElectrostaticsResult:
+        """Energy [B] eV, potential [N] V, field [N,3] V/Å and induced multipoles.
+
+        positions [N,3] Å; cell [B,3,3] Å (rows = lattice vectors); pbc [B,3] bool;
+        charges [N] e; dipoles [N,3] e·Å; quadrupoles [N,3,3] e·Å² traceless; kappa [N] e/V;
+        alpha [N] or [N,3,3] e·Å²/V; batch [N] structure index (sorted);
+        external_field [B,3] V/Å; total_charge [B] e (charges are shifted uniformly to match).
+        """
+        if batch is None:
+            batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+        validate_inputs(positions, cell, pbc, charges, dipoles, quadrupoles, kappa, alpha, batch,
+                        external_field, total_charge)
+        num_structures = cell.shape[0]
+        q = charges
+        if total_charge is not None:
+            counts = segment_sum(torch.ones_like(q), batch, num_structures).clamp(min=1.0)
+            excess = (total_charge - segment_sum(q, batch, num_structures)) / counts
+            q = q + excess[batch]
+        need_gradient = quadrupoles is not None
+        phi, field, gradient = self._site_fields(positions, cell, pbc, batch, q, dipoles,
+                                                 quadrupoles, need_gradient)
+        permanent = segment_sum(kernels.site_energy(q, dipoles, quadrupoles, phi, field, gradient),
+                                batch, num_structures)
+        if not self.remove_self_interaction:
+            permanent = permanent + self._gaussian_self_energy(q, dipoles, quadrupoles, batch,
+                                                               num_structures)
+        energy = permanent
+        # total potential and field seen by the response: add the external field (open only)
+        phi_total = phi
+        field_total = field
+        if external_field is not None:
+            open_structure = (~pbc.any(dim=1)).to(positions.dtype)
+            e_ext = external_field * open_structure.unsqueeze(-1)          # [B,3]
+            phi_ext = -(e_ext[batch] * positions).sum(-1)                   # [N]
+            phi_total = phi + phi_ext
+            field_total = field + e_ext[batch]
+            coupling = q * phi_ext
+            if dipoles is not None:
+                coupling = coupling - (dipoles * e_ext[batch]).sum(-1)
+            energy = energy + segment_sum(coupling, batch, num_structures)
+        response = torch.zeros_like(permanent)
+        dq: Optional[torch.Tensor] = None
+        dmu: Optional[torch.Tensor] = None
+        if kappa is not None:
+            if self.charge_conservation is None:
+                conserve = torch.zeros(num_structures, dtype=torch.bool, device=q.device)
+                if total_charge is not None:
+                    conserve = torch.ones_like(conserve)
+            else:
+                conserve = torch.full((num_structures,), bool(self.charge_conservation),
+                                      dtype=torch.bool, device=q.device)
+            dq, e_q = induced_charges(phi_total, kappa, batch, num_structures, conserve)
+            response = response + e_q
+        if alpha is not None:
+            dmu, e_mu = induced_dipoles(field_total, alpha, batch, num_structures)
+            response = response + e_mu
+        energy = energy + response
+        return ElectrostaticsResult(energy, phi, field, dq, dmu, permanent, response, q)
+
+    # ------------------------------------------------------------------ site fields
+    def _site_fields(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                     batch: torch.Tensor, q: torch.Tensor, mu: Optional[torch.Tensor],
+                     theta: Optional[torch.Tensor], need_gradient: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """φ, E, ∇E at every site from all other multipoles, routing open and periodic sets."""
+        open_s = ~pbc.any(dim=1)
+        open_atoms = open_s[batch]
+        if bool(open_atoms.all()):
+            return direct.open_site_fields(positions, batch, q, mu, theta, self.sigma, need_gradient)
+        if not bool(open_atoms.any()):
+            return self._periodic_site_fields(positions, cell, pbc, batch, q, mu, theta,
+                                              need_gradient)
+        n = positions.shape[0]
+        phi = positions.new_zeros(n)
+        field = positions.new_zeros(n, 3)
+        gradient: Optional[torch.Tensor] = None
+        if need_gradient:
+            gradient = positions.new_zeros(n, 3, 3)
+        for use_open in [True, False]:
+            smask = open_s if use_open else ~open_s
+            idx = (open_atoms if use_open else ~open_atoms).nonzero().squeeze(1)
+            sub_batch = _reindex(smask, batch, idx)
+            sub_mu = mu[idx] if mu is not None else None
+            sub_theta = theta[idx] if theta is not None else None
+            if use_open:
+                p, f, g = direct.open_site_fields(positions[idx], sub_batch, q[idx], sub_mu,
+                                                  sub_theta, self.sigma, need_gradient)
+            else:
+                p, f, g = self._periodic_site_fields(positions[idx], cell[smask], pbc[smask],
+                                                     sub_batch, q[idx], sub_mu, sub_theta,
+                                                     need_gradient)
+            phi = phi.index_copy(0, idx, p)
+            field = field.index_copy(0, idx, f)
+            if gradient is not None and g is not None:
+                gradient = gradient.index_copy(0, idx, g)
+        return phi, field, gradient
+
+    def _use_pme(self, batch: torch.Tensor, num_structures: int) -> bool:
+        if self.kspace == "les" or self.method == "ewald":
+            return False
+        if self.method == "pme":
+            return True
+        largest = int(torch.bincount(batch, minlength=num_structures).max())
+        return largest > self.pme_threshold
+
+    def _periodic_site_fields(self, positions: torch.Tensor, cell: torch.Tensor,
+                              pbc: torch.Tensor, batch: torch.Tensor, q: torch.Tensor,
+                              mu: Optional[torch.Tensor], theta: Optional[torch.Tensor],
+                              need_gradient: bool
+                              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        if self.method == "direct":
+            raise ValueError("Electrostatics: method='direct' handles open structures only; "
+                             "this batch has periodic or slab structures")
+        num_structures = cell.shape[0]
+        beta = self.beta
+        if self._use_pme(batch, num_structures):
+            mesh = pme.choose_mesh(cell, beta, self.accuracy, self.pme_order)
+            phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
+                                                       mesh, self.pme_order, need_gradient)
+        else:
+            if self.kspace == "les":
+                kvecs, kmask = ewald.les_kvectors(cell, self.dl)
+            else:
+                kvecs, kmask = ewald.converged_kvectors(cell, self.kmax)
+            phi, field, gradient = ewald.reciprocal_site_fields(positions, batch, cell, q, mu, theta,
+                                                                beta, kvecs, kmask, need_gradient)
+        phi, field, gradient = self._subtract_self(phi, field, gradient, q, mu, theta, beta)
+        if self.needs_real_space:
+            edge_index, shifts = _neighbour_list(positions, cell, pbc, batch, self.real_space_cutoff)
+            p, f, g = direct.real_space_site_fields(positions, cell, batch, edge_index, shifts, q,
+                                                    mu, theta, self.sigma, beta, need_gradient)
+            phi = phi + p
+            field = field + f
+            if gradient is not None and g is not None:
+                gradient = gradient + g
+        volume = torch.linalg.det(cell).abs()
+        phi = phi + self._background_potential(q, batch, volume, num_structures)
+        slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
+        if bool(slab.any()):
+            p, f = slab_correction_fields(positions, cell, batch, q, mu, slab, self.coulomb)
+            phi = phi + p
+            field = field + f
+        return phi, field, gradient
+
+    def _subtract_self(self, phi: torch.Tensor, field: torch.Tensor,
+                       gradient: Optional[torch.Tensor], q: torch.Tensor,
+                       mu: Optional[torch.Tensor], theta: Optional[torch.Tensor], beta: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Remove each site's interaction with its own (erf(βr)/r-smeared) image at r = 0."""
+        sqrt_pi = math.sqrt(math.pi)
+        phi = phi - self.coulomb * q * (2.0 * beta / sqrt_pi)
+        c1 = self.coulomb * 4.0 * beta ** 3 / (3.0 * sqrt_pi)
+        if mu is not None:
+            field = field + c1 * mu
+        if gradient is not None:
+            eye = torch.eye(3, dtype=q.dtype, device=q.device)
+            gradient = gradient + c1 * q[:, None, None] * eye
+            if theta is not None:
+                gradient = gradient + self.coulomb * 8.0 * beta ** 5 / (5.0 * sqrt_pi) * theta
+        return phi, field, gradient
+
+    def _background_potential(self, q: torch.Tensor, batch: torch.Tensor, volume: torch.Tensor,
+                              num_structures: int) -> torch.Tensor:
+        """Potential [N] of the neutralising background through the short-range kernel part."""
+        inv_a2 = 1.0 / (self.a * self.a) if self.a > 0 else 0.0
+        short_range_integral = math.pi * (1.0 / (self.beta * self.beta) - inv_a2)
+        if short_range_integral == 0.0:
+            return torch.zeros_like(q)
+        total = segment_sum(q, batch, num_structures)
+        return (-self.coulomb * total / volume * short_range_integral)[batch]
+
+    def _gaussian_self_energy(self, q: torch.Tensor, mu: Optional[torch.Tensor],
+                              theta: Optional[torch.Tensor], batch: torch.Tensor,
+                              num_structures: int) -> torch.Tensor:
+        """Σ k_e √(2/π) [q²/(2σ) + |μ|²/(6σ³) + |Θ|²/(20σ⁵)] per structure (SPEC §2)."""
+        s = self.sigma
+        c = self.coulomb * math.sqrt(2.0 / math.pi)
+        e = q * q / (2.0 * s)
+        if mu is not None:
+            e = e + (mu * mu).sum(-1) / (6.0 * s ** 3)
+        if theta is not None:
+            e = e + (theta * theta).sum((-1, -2)) / (20.0 * s ** 5)
+        return c * segment_sum(e, batch, num_structures)
+
+
+def slab_correction_fields(positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
+                           q: torch.Tensor, mu: Optional[torch.Tensor], slab: torch.Tensor,
+                           coulomb: float = COULOMB) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Potential [N] and field [N,3] of the Yeh–Berkowitz slab correction (charged form).
+
+    E_YB = c [M² − Q S₂ − Q² L²/12], c = 2π k_e/V, M = Σ q z + μ_z, S₂ = Σ q z² + 2 μ_z z;
+    φ_i = ∂E_YB/∂q_i and E_i = −∂E_YB/∂μ_i, so that ½Σ(qφ − μ·E) = E_YB (E_YB is quadratic).
+    Only structures flagged in `slab` [B] get a correction.
+    """
+    num_structures = cell.shape[0]
+    normal = torch.linalg.cross(cell[:, 0], cell[:, 1])
+    area = torch.linalg.norm(normal, dim=-1)
+    normal = normal / area.unsqueeze(-1)
+    volume = torch.linalg.det(cell).abs()
+    height = volume / area
+    c = 2.0 * math.pi * coulomb / volume * slab.to(positions.dtype)        # [B]
+    z = (positions * normal[batch]).sum(-1)                                 # [N]
+    mz = q * z
+    s2 = q * z * z
+    mu_z = torch.zeros_like(z)
+    if mu is not None:
+        mu_z = (mu * normal[batch]).sum(-1)
+        mz = mz + mu_z
+        s2 = s2 + 2.0 * mu_z * z
+    m = segment_sum(mz, batch, num_structures)
+    s2_tot = segment_sum(s2, batch, num_structures)
+    total = segment_sum(q, batch, num_structures)
+    cb = c[batch]
+    phi = cb * (2.0 * m[batch] * z - s2_tot[batch] - total[batch] * z * z
+                - total[batch] * height[batch] ** 2 / 6.0)
+    field_z = -cb * (2.0 * m[batch] - 2.0 * total[batch] * z)
+    return phi, field_z.unsqueeze(-1) * normal[batch]

@@ -1,0 +1,904 @@
+"""YAML-driven trainer: small functions around one resumable loop.
+
+Data order is a pure function of (seed, epoch): :func:`epoch_batches` permutes the training
+indices with ``numpy.random.default_rng([seed, epoch])`` and cuts batches (by count, or greedily
+by total atoms). Resuming at (epoch, step) rebuilds the same list and skips the first `step`
+batches, so a run killed at any moment and resumed from its last checkpoint retraces the
+uninterrupted run exactly (bitwise in float64 on CPU). Data-parallel ranks take contiguous shards
+of every global batch (see :mod:`polarmace.training.distributed`).
+
+Entry point: :func:`train` (``polarmace-train`` is a thin wrapper around it).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import distributed as ddp
+from . import plots
+from .checkpoint import CheckpointHandler, atomic_save, atomic_write_text, set_rng_state, versions
+from .ema import ExponentialMovingAverage
+from .loss import TERMS, WeightedLoss
+from .metrics import MetricsAccumulator, format_table
+
+log = logging.getLogger("polarmace.training")
+
+Callback = Callable[[str, Dict[str, Any]], None]
+
+
+# ============================================================================ configuration
+def resolve_config(config: Any, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """A plain, fully resolved config dict from a Config, a dict or a YAML path."""
+    from polarmace.config import Config, load_config
+
+    if isinstance(config, Config):
+        if overrides:
+            config = load_config(config.to_dict(), overrides)
+        return copy.deepcopy(config.to_dict())
+    return copy.deepcopy(load_config(config, overrides).to_dict())
+
+
+def explicit_loss_terms(config: Any, overrides: Sequence[str] = ()) -> set:
+    """Loss terms whose weight the user set (in the YAML/dict or an override), as opposed to
+    defaults: a missing label of an explicit term is a warning, of a default one an info line.
+    For a Config object (raw input unknown) a weight differing from the default counts."""
+    from polarmace.config import Config
+
+    raw: Any = None
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            import yaml
+
+            raw = yaml.safe_load(Path(config).read_text()) or {}
+        except Exception:
+            raw = {}
+    elif isinstance(config, Mapping):
+        raw = config
+    out = set()
+    if isinstance(raw, Mapping):
+        lw = ((raw.get("training") or {}).get("loss_weights") or {})
+        if isinstance(lw, Mapping):
+            out.update(k for k in lw if k in TERMS)
+    elif isinstance(config, Config):
+        defaults = Config().training.loss_weights
+        lw = config.training.loss_weights
+        out.update(t for t in TERMS if getattr(lw, t) != getattr(defaults, t))
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("training.loss_weights."):
+            out.add(key.rsplit(".", 1)[-1])
+    return out
+
+
+def _section(cfg: Mapping[str, Any], name: str) -> Dict[str, Any]:
+    return dict(cfg.get(name) or {})
+
+
+def run_directory(cfg: Mapping[str, Any]) -> Path:
+    out = _section(cfg, "output")
+    directory = out.get("directory") or "runs/<name>"
+    name = out.get("name") or "polarmace"
+    return Path(str(directory).replace("<name>", str(name)))
+
+
+def model_name(cfg: Mapping[str, Any]) -> str:
+    return str(_section(cfg, "output").get("name") or "polarmace")
+
+
+# ================================================================================= data
+class Subset:
+    """Indexable view `source[indices[k]]` (picklable, for DataLoader workers)."""
+
+    def __init__(self, source: Sequence, indices: Sequence[int]):
+        self.source = source
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        return self.source[self.indices[k]]
+
+
+def read_source(path: str, data_cfg: Mapping[str, Any]) -> Sequence:
+    """An indexable data set: HDF5Dataset for .h5/.hdf5, else a list of Configurations."""
+    from polarmace.data import atoms as atoms_mod
+
+    suffix = Path(path).suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        from polarmace.data.hdf5 import HDF5Dataset
+
+        return HDF5Dataset(path)
+    return atoms_mod.read_configurations(
+        path, keys=dict(data_cfg.get("keys") or {}) or None,
+        default_total_charge=float(data_cfg.get("default_total_charge", 0.0) or 0.0),
+        required=list(data_cfg.get("required_labels") or []))
+
+
+def _split(n: int, valid_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[int]]:
+    from polarmace.data.splits import split_indices
+
+    out = split_indices(n, valid_fraction=valid_fraction, test_fraction=test_fraction, seed=seed)
+    if isinstance(out, Mapping):
+        return {k: [int(i) for i in out.get(k, [])] for k in ("train", "valid", "test")}
+    parts = list(out) + [[]] * (3 - len(out))
+    return {k: [int(i) for i in v] for k, v in zip(("train", "valid", "test"), parts)}
+
+
+@dataclass
+class DataSplits:
+    train: Sequence
+    valid: Optional[Sequence]
+    test: Optional[Sequence]
+    indices: Dict[str, Any]
+
+
+def build_data(cfg: Mapping[str, Any], run_dir: Path, resume: bool, is_main: bool = True) -> DataSplits:
+    """Read the data files and split them by seed; the split is saved to (and on resume read
+    from) ``run_dir/splits.json``."""
+    dcfg = _section(cfg, "data")
+    if not dcfg.get("train"):
+        raise ValueError("data.train is required (a .xyz/.extxyz/input.data/.h5 file)")
+    train_src = read_source(str(dcfg["train"]), dcfg)
+    valid_src = read_source(str(dcfg["valid"]), dcfg) if dcfg.get("valid") else None
+    test_src = read_source(str(dcfg["test"]), dcfg) if dcfg.get("test") else None
+    split_path = run_dir / "splits.json"
+    if resume and split_path.exists():
+        saved = json.loads(split_path.read_text())
+        if saved.get("num_source") != len(train_src):
+            raise ValueError(f"{split_path}: saved split is for {saved.get('num_source')} configurations, "
+                             f"{dcfg['train']} has {len(train_src)}")
+        idx = saved
+    else:
+        vf = 0.0 if valid_src is not None else float(dcfg.get("valid_fraction", 0.1) or 0.0)
+        tf = 0.0 if test_src is not None else float(dcfg.get("test_fraction", 0.0) or 0.0)
+        idx = _split(len(train_src), vf, tf, int(dcfg.get("seed", 1)))
+        idx.update({"num_source": len(train_src), "seed": int(dcfg.get("seed", 1)),
+                    "source": str(dcfg["train"])})
+        if is_main:
+            atomic_write_text(json.dumps(idx), split_path)
+    train = Subset(train_src, idx["train"])
+    valid = valid_src if valid_src is not None else (Subset(train_src, idx["valid"]) if idx["valid"] else None)
+    test = test_src if test_src is not None else (Subset(train_src, idx["test"]) if idx["test"] else None)
+    if len(train) == 0:
+        raise ValueError("the training split is empty")
+    return DataSplits(train, valid, test, idx)
+
+
+def collate_graph(configs: Sequence, r_max: float) -> Dict[str, torch.Tensor]:
+    from polarmace.data.graph import collate
+
+    params = inspect.signature(collate).parameters
+    if "r_max" in params:
+        return collate(list(configs), r_max=r_max)
+    if "cutoff" in params:
+        return collate(list(configs), cutoff=r_max)
+    return collate(list(configs), r_max)
+
+
+def to_device(graph: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in graph.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def num_atoms_of(dataset: Sequence, r_max: float = 5.0) -> np.ndarray:
+    """Atoms per configuration (for batching by atoms); cheap for HDF5 sets and their subsets."""
+    if isinstance(dataset, Subset):
+        sizes = getattr(dataset.source, "num_atoms", None)
+        if sizes is not None and not callable(sizes):
+            return np.asarray(sizes, dtype=np.int64)[dataset.indices]
+    sizes = getattr(dataset, "num_atoms", None)
+    if sizes is not None and not callable(sizes):
+        return np.asarray(sizes, dtype=np.int64)
+    return np.array([dataset[i].num_atoms for i in range(len(dataset))], dtype=np.int64)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+                  num_atoms: Optional[np.ndarray] = None, max_atoms: Optional[int] = None) -> List[List[int]]:
+    """Global batches of epoch `epoch`: a pure function of (n, batch_size, seed, epoch, sizes).
+
+    The order is numpy's default_rng([seed, epoch]) permutation (polarmace.data.graph.BatchSampler);
+    with `max_atoms` a batch closes when the next configuration would exceed it.
+    """
+    from polarmace.data.graph import BatchSampler
+
+    sizes = num_atoms if (max_atoms and num_atoms is not None) else np.ones(n, dtype=np.int64)
+    sampler = BatchSampler(sizes, batch_size=batch_size, max_size=int(max_atoms) if max_atoms else None,
+                           shuffle=shuffle, seed=int(seed))
+    return [list(b) for b in sampler.batches(int(epoch))]
+
+
+def iterate_graphs(dataset: Sequence, batches: Sequence[Sequence[int]], r_max: float,
+                   num_workers: int = 0) -> Iterator[Optional[Dict[str, torch.Tensor]]]:
+    """Collated graphs of the given index batches (None for an empty batch)."""
+    if num_workers and num_workers > 0:
+        from functools import partial
+
+        nonempty = [list(b) for b in batches if len(b)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=nonempty, num_workers=num_workers,
+                                             collate_fn=partial(collate_graph, r_max=r_max))
+        it = iter(loader)
+        for b in batches:
+            yield next(it) if len(b) else None
+        return
+    for b in batches:
+        yield collate_graph([dataset[i] for i in b], r_max) if len(b) else None
+
+
+# =========================================================================== statistics
+def _symbol(z: int) -> str:
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[int(z)]
+
+
+def _z(symbol: str) -> int:
+    from ase.data import atomic_numbers
+
+    return atomic_numbers[symbol]
+
+
+def compute_statistics(train: Sequence, cfg: Mapping[str, Any], batch_size: int = 32) -> Dict[str, Any]:
+    """Elements, labels present, E0s, avg_num_neighbors, shift (mean interaction energy per
+    atom) and scale (RMS force) over the TRAINING split, through collated graphs."""
+    mcfg = _section(cfg, "model")
+    r_max = float(mcfg.get("r_max", 5.0))
+    zs_all: set = set()
+    rows: List[Tuple[np.ndarray, float, int]] = []  # (atomic numbers, energy, n) for labelled E
+    labels: Dict[str, float] = {t: 0.0 for t in TERMS}
+    edges = atoms_total = 0
+    f_sq = f_n = 0.0
+    for start in range(0, len(train), batch_size):
+        g = collate_graph([train[i] for i in range(start, min(start + batch_size, len(train)))], r_max)
+        z = g["atomic_numbers"].cpu().numpy()
+        zs_all.update(int(x) for x in np.unique(z))
+        edges += int(g["edge_index"].shape[1])
+        atoms_total += int(z.shape[0])
+        ptr = g["ptr"].cpu().numpy()
+        for t in TERMS:
+            if t in g:
+                m = g.get(f"{t}_mask")
+                labels[t] += float(m.sum()) if m is not None else float(g[t].shape[0])
+        if "energy" in g:
+            em = g.get("energy_mask")
+            e = g["energy"].cpu().double().numpy()
+            for b in range(len(e)):
+                if em is None or float(em[b]) > 0:
+                    rows.append((z[ptr[b]:ptr[b + 1]], float(e[b]), int(ptr[b + 1] - ptr[b])))
+        if "forces" in g:
+            fm = g.get("forces_mask")
+            f = g["forces"].cpu().double()
+            if fm is not None:
+                fm = fm.cpu().double()
+                if fm.shape[0] != f.shape[0]:
+                    fm = fm[g["batch"].cpu()]
+                f_sq += float((f ** 2 * fm[:, None]).sum())
+                f_n += float(fm.sum()) * 3
+            else:
+                f_sq += float((f ** 2).sum())
+                f_n += f.numel()
+    elements = mcfg.get("elements")
+    if elements:
+        missing = sorted(zs_all - {_z(s) for s in elements})
+        if missing:
+            raise ValueError(f"model.elements {elements} lacks {[_symbol(z) for z in missing]} present in the data")
+        elements = list(elements)
+    else:
+        elements = [_symbol(z) for z in sorted(zs_all)]
+    e0s = _e0s(mcfg.get("e0s", "least_squares"), elements, rows)
+    shift = 0.0
+    if rows:
+        inter = [(e - float(sum(e0s[_symbol(x)] for x in zz_row))) / n for zz_row, e, n in rows]
+        shift = float(np.mean(inter))
+    scale = math.sqrt(f_sq / f_n) if f_n > 0 else 1.0
+    return {
+        "elements": elements,
+        "e0s": e0s,
+        "avg_num_neighbors": edges / max(atoms_total, 1),
+        "shift": shift,
+        "scale": scale if scale > 0 else 1.0,
+        "labels": {t: c for t, c in labels.items() if c > 0},
+        "num_train": len(train),
+    }
+
+
+def _e0s(spec: Any, elements: List[str], rows) -> Dict[str, float]:
+    if isinstance(spec, Mapping):
+        missing = [s for s in elements if s not in spec]
+        if missing:
+            raise ValueError(f"model.e0s lacks {missing}")
+        return {s: float(spec[s]) for s in elements}
+    if not rows:
+        warnings.warn("no energy labels in the training data: E0s set to 0", UserWarning, stacklevel=2)
+        return {s: 0.0 for s in elements}
+    index = {_z(s): k for k, s in enumerate(elements)}
+    counts = np.zeros((len(rows), len(elements)))
+    energies = np.array([e for _, e, _ in rows])
+    for r, (zz, _, _) in enumerate(rows):
+        for x in zz:
+            counts[r, index[int(x)]] += 1
+    if spec == "average":
+        per_atom = float(np.mean(energies / counts.sum(1)))
+        return {s: per_atom for s in elements}
+    if spec != "least_squares":
+        raise ValueError(f"model.e0s must be 'least_squares', 'average' or {{symbol: eV}}, got {spec!r}")
+    sol, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return {s: float(v) for s, v in zip(elements, sol)}
+
+
+# ========================================================================= optimisation
+def build_optimizer(model: torch.nn.Module, tcfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    name = str(tcfg.get("optimizer", "adam")).lower()
+    lr = float(tcfg.get("lr", 1e-2))
+    wd = float(tcfg.get("weight_decay", 0.0) or 0.0)
+    amsgrad = bool(tcfg.get("amsgrad", True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, amsgrad=amsgrad)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, amsgrad=amsgrad)
+    raise ValueError(f"training.optimizer must be 'adam' or 'adamw', got {name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Mapping[str, Any], epochs: int):
+    """plateau: ReduceLROnPlateau(lr_factor, scheduler_patience, min_lr) stepped on the
+    validation loss at every evaluation; cosine: CosineAnnealingLR(T_max=epochs, eta_min=min_lr)
+    stepped every epoch; null: constant lr."""
+    name = tcfg.get("scheduler", "plateau")
+    if name in (None, "none", "null", False):
+        return None
+    min_lr = float(tcfg.get("min_lr", 0.0) or 0.0)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=float(tcfg.get("lr_factor", 0.8)),
+            patience=int(tcfg.get("scheduler_patience", 50)), min_lr=min_lr)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1), eta_min=min_lr)
+    raise ValueError(f"training.scheduler must be 'plateau', 'cosine' or null, got {name!r}")
+
+
+def stage_two_start(tcfg: Mapping[str, Any], epochs: int) -> Optional[int]:
+    """First (0-based) epoch of stage two, from stage_two.start_epoch or .start_fraction."""
+    st = tcfg.get("stage_two") or {}
+    if st.get("start_epoch") is not None:
+        return int(st["start_epoch"])
+    if st.get("start_fraction") is not None:
+        return int(round(float(st["start_fraction"]) * epochs))
+    return None
+
+
+def stage_weights(tcfg: Mapping[str, Any], stage: int) -> Dict[str, float]:
+    weights = {t: float(v) for t, v in (tcfg.get("loss_weights") or tcfg.get("weights") or {}).items()
+               if t in TERMS and v is not None}
+    base = {"energy": 1.0, "forces": 100.0}
+    base.update(weights)
+    if stage == 2:
+        st = tcfg.get("stage_two") or {}
+        for key, term in (("energy_weight", "energy"), ("forces_weight", "forces"),
+                          ("stress_weight", "stress"), ("virials_weight", "virials"),
+                          ("dipole_weight", "dipole"), ("bec_weight", "bec")):
+            if st.get(key) is not None:
+                base[term] = float(st[key])
+    return base
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# ================================================================================ steps
+@dataclass
+class StepResult:
+    loss: float
+    pred: Optional[Dict[str, torch.Tensor]]
+
+
+def forward(model: torch.nn.Module, graph: Mapping[str, torch.Tensor], loss_fn: WeightedLoss,
+            training: bool) -> Dict[str, torch.Tensor]:
+    return model(dict(graph), compute_forces=True, compute_stress=loss_fn.needs_stress or "stress" in graph
+                 or "virials" in graph, compute_bec=loss_fn.needs_bec)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: WeightedLoss,
+               graph: Optional[Mapping[str, torch.Tensor]], info: ddp.DistInfo,
+               clip_grad: Optional[float], ema: Optional[ExponentialMovingAverage],
+               dtype: torch.dtype, device: torch.device) -> StepResult:
+    """One optimiser step on this rank's shard `graph` (None: empty shard)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    counts = loss_fn.counts(graph) if graph is not None else torch.zeros(len(TERMS), dtype=dtype, device=device)
+    ddp.all_reduce_sum(counts, info)
+    pred = None
+    loss_value = torch.zeros((), dtype=dtype, device=device)
+    if graph is not None:
+        pred = forward(model, graph, loss_fn, training=True)
+        loss, _ = loss_fn(pred, graph, counts=counts)
+        loss.backward()
+        loss_value = loss.detach()
+        pred = {k: v.detach() for k, v in pred.items() if isinstance(v, torch.Tensor)}
+    ddp.all_reduce_gradients(model, info)
+    ddp.all_reduce_sum(loss_value, info)
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=float(clip_grad))
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    return StepResult(float(loss_value), pred)
+
+
+def evaluate(model: torch.nn.Module, dataset: Optional[Sequence], loss_fn: WeightedLoss, r_max: float,
+             batch_size: int, dtype: torch.dtype, device: torch.device, info: ddp.DistInfo = ddp.DistInfo(),
+             ema: Optional[ExponentialMovingAverage] = None, num_workers: int = 0,
+             desc: str = "eval") -> Dict[str, float]:
+    """Loss and error metrics over `dataset` (EMA weights when `ema` is given); ranks evaluate
+    interleaved batches and the sums are all-reduced."""
+    if dataset is None or len(dataset) == 0:
+        return {}
+    batches = epoch_batches(len(dataset), batch_size, 0, 0, shuffle=False)
+    mine = batches[info.rank::info.world_size]
+    acc = MetricsAccumulator()
+    model.eval()
+    ctx = ema.average_parameters(model) if ema is not None else _nullcontext()
+    with ctx:
+        for graph in iterate_graphs(dataset, mine, r_max, num_workers):
+            graph = to_device(graph, device, dtype)
+            pred = forward(model, graph, loss_fn, training=False)
+            loss, _ = loss_fn(pred, graph)
+            n = float(graph["num_atoms"].shape[0])
+            acc.update({k: v.detach() for k, v in pred.items() if isinstance(v, torch.Tensor)}, graph,
+                       loss=float(loss.detach()), loss_weight=n)
+    if info.enabled:
+        sums = acc.sums()
+        ddp.all_reduce_sum(sums, info)
+        acc.load_sums(sums)
+    return acc.compute()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# =============================================================================== logging
+def _setup_logging(run_dir: Path, is_main: bool) -> List[logging.Handler]:
+    added: List[logging.Handler] = []
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not is_main:
+        return added
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    h1 = logging.StreamHandler(sys.stdout)
+    h1.setFormatter(fmt)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    h2 = logging.FileHandler(run_dir / "train.log")
+    h2.setFormatter(fmt)
+    for h in (h1, h2):
+        log.addHandler(h)
+        added.append(h)
+    return added
+
+
+EPOCH_COLUMNS = ("epoch", "stage", "train_loss", "valid_loss", "valid_E_rmse", "valid_E_mae",
+                 "valid_F_rmse", "valid_F_mae", "lr", "time_s")
+
+
+def epoch_line(row: Mapping[str, Any], header: bool = False) -> str:
+    names = ("epoch", "st", "loss(train)", "loss(valid)", "E_rmse", "E_mae", "F_rmse", "F_mae", "lr", "time")
+    widths = (5, 2, 11, 11, 9, 9, 9, 9, 9, 7)
+    if header:
+        return " ".join(n.rjust(w) for n, w in zip(names, widths)) + \
+            "   (E meV/atom, F meV/Å, valid set, EMA weights when enabled)"
+    vals = []
+    for col, w in zip(EPOCH_COLUMNS, widths):
+        v = row.get(col)
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            s = "-"
+        elif col in ("epoch", "stage"):
+            s = str(int(v))
+        elif col == "lr":
+            s = f"{v:.2e}"
+        elif col == "time_s":
+            s = f"{v:.1f}s"
+        else:
+            s = f"{v:.4g}"
+        vals.append(s.rjust(w))
+    return " ".join(vals)
+
+
+def write_history(history: List[Dict[str, Any]], run_dir: Path, make_plot: bool) -> None:
+    cols: List[str] = []
+    for row in history:
+        for k in row:
+            if k not in cols:
+                cols.append(k)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for row in history:
+        writer.writerow(row)
+    atomic_write_text(buf.getvalue(), run_dir / "metrics.csv")
+    atomic_write_text(json.dumps(history, indent=1), run_dir / "metrics.json")
+    if make_plot:
+        try:
+            plots.learning_curve(history, run_dir / "learning_curve.png")
+        except Exception as exc:  # a plot never kills a run
+            log.warning("learning curve not drawn: %s", exc)
+
+
+# ================================================================================ driver
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_path: Path
+    history: List[Dict[str, Any]]
+    test_metrics: Dict[str, float] = field(default_factory=dict)
+    model: Optional[torch.nn.Module] = None
+
+
+def _call_factory(factory: Callable, cfg: Dict[str, Any], stats: Dict[str, Any]) -> torch.nn.Module:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        params = {}
+    if "statistics" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return factory(copy.deepcopy(cfg), statistics=copy.deepcopy(stats))
+    return factory(copy.deepcopy(cfg))
+
+
+def _default_factory() -> Callable:
+    from polarmace import build_model  # lazy: model.py is optional until the lead adds it
+
+    return build_model
+
+
+def _save_model(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if hasattr(model, "save"):
+        model.save(str(tmp))
+    else:  # pragma: no cover - contract says models have save()
+        torch.save({"config": getattr(model, "config", None), "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _fire(callbacks: Sequence[Callback], event: str, state: Dict[str, Any]) -> None:
+    for cb in callbacks:
+        cb(event, state)
+
+
+def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = False,
+          overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
+          checkpoint_steps: Optional[int] = None) -> TrainResult:
+    """Train a model from a config (Config, dict or YAML path); returns the final model path.
+
+    `model_factory(config_dict[, statistics=...])` builds the model; None means
+    ``polarmace.build_model``. The config dict passed in has model.elements, model.e0s (per
+    element, eV) and model.avg_num_neighbors resolved from the training data; `statistics` adds
+    shift (mean interaction energy per atom, eV) and scale (RMS force, eV/Å).
+
+    A checkpoint is written at the end of every epoch and, with `checkpoint_steps` = K, also
+    every K optimiser steps inside an epoch (with the step-in-epoch, so that a resumed run
+    retraces the uninterrupted one). `callbacks` are called as cb(event, state) with the events
+    "step_end" and "epoch_end".
+    """
+    cfg = resolve_config(config, overrides)
+    explicit = explicit_loss_terms(config, overrides)
+    tcfg, dcfg, ocfg, mcfg = (_section(cfg, s) for s in ("training", "data", "output", "model"))
+    device = torch.device(tcfg.get("device", "cpu") or "cpu")
+    info = ddp.init(str(device))
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    dtype = getattr(torch, str(mcfg.get("dtype", "float64")))
+    run_dir = run_directory(cfg)
+    handlers = _setup_logging(run_dir, info.is_main)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, explicit,
+                      checkpoint_steps)
+    finally:
+        torch.set_default_dtype(old_dtype)
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, explicit,
+           checkpoint_steps) -> TrainResult:
+    tcfg, dcfg, ocfg = (_section(cfg, s) for s in ("training", "data", "output"))
+    ckpts = CheckpointHandler(run_dir, keep=int(ocfg.get("keep_checkpoints", 3) or 3))
+    latest = ckpts.latest() if resume else None
+    if not resume and ckpts.list():
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                              "or choose another output.name / output.directory")
+    if resume and latest is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
+    state = ckpts.load(latest) if latest is not None else None
+
+    seed = int(tcfg.get("seed", dcfg.get("seed", 1)) or 0)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    random.seed(seed)
+
+    data = build_data(cfg, run_dir, resume=state is not None, is_main=info.is_main)
+    if state is not None:
+        model_cfg, stats = state["config"], state["statistics"]
+        _warn_config_changes(cfg, model_cfg)
+    else:
+        stats = compute_statistics(data.train, cfg)
+        model_cfg = copy.deepcopy(cfg)
+        model_cfg["model"]["elements"] = stats["elements"]
+        model_cfg["model"]["e0s"] = stats["e0s"]
+        if model_cfg["model"].get("avg_num_neighbors") is None:
+            model_cfg["model"]["avg_num_neighbors"] = stats["avg_num_neighbors"]
+        for key in ("epochs", "patience", "eval_interval"):  # run-length keys may change on resume
+            model_cfg["training"][key] = cfg["training"].get(key)
+    epochs = int(cfg["training"].get("epochs") or 1)
+    model_cfg["training"]["epochs"] = epochs
+
+    if info.is_main:
+        atomic_write_text(json.dumps(model_cfg, indent=1, default=str), run_dir / "config.json")
+        _write_yaml(model_cfg, run_dir / "config.yaml")
+        log.info("run directory %s (%s)", run_dir, "resuming " + latest.name if latest else "new run")
+        log.info("data: %d train, %d valid, %d test configurations; elements %s",
+                 len(data.train), len(data.valid or []), len(data.test or []), stats["elements"])
+        log.info("E0s (eV): %s; avg_num_neighbors %.3f; shift %.5g eV/atom; scale %.5g eV/Å",
+                 {k: round(v, 6) for k, v in stats["e0s"].items()}, stats["avg_num_neighbors"],
+                 stats["shift"], stats["scale"])
+
+    factory = model_factory or _default_factory()
+    model = _call_factory(factory, model_cfg, stats).to(device)
+    ddp.broadcast_parameters(model, info)
+    loss_fn = WeightedLoss(stage_weights(tcfg, 1))
+    with warnings.catch_warnings():
+        if not info.is_main:
+            warnings.simplefilter("ignore")
+        loss_fn.resolve(stats["labels"].keys(), log_active=info.is_main, explicit=explicit)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, epochs)
+    ema = ExponentialMovingAverage(model, float(tcfg["ema_decay"])) if tcfg.get("ema_decay") else None
+    if info.is_main:
+        log.info("model: %d parameters; optimizer %s lr %.3g; scheduler %s; EMA %s",
+                 sum(p.numel() for p in model.parameters()), tcfg.get("optimizer", "adam"),
+                 current_lr(optimizer), tcfg.get("scheduler", "plateau"),
+                 f"decay {tcfg['ema_decay']} (evaluation uses the EMA weights)" if ema else "off")
+
+    start_epoch, start_step = 0, 0
+    history: List[Dict[str, Any]] = []
+    best, since_best, finished = math.inf, 0, False
+    partial: Dict[str, Any] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            if state.get("ema") is None:
+                log.warning("checkpoint has no EMA state: EMA restarts from the current weights")
+            else:
+                ema.load_state_dict(state["ema"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step"])
+        history = list(state.get("history", []))
+        best, since_best = float(state.get("best_metric", math.inf)), int(state.get("since_best", 0))
+        finished = bool(state.get("finished", False))
+        partial = state.get("partial") or {}
+        set_rng_state(state["rng"])
+        if info.is_main:
+            log.info("resumed at epoch %d step %d (best %.6g)", start_epoch, start_step, best)
+
+    r_max = float(model_cfg["model"].get("r_max", 5.0))
+    batch_size = int(dcfg.get("batch_size", 4) or 4)
+    max_atoms = dcfg.get("max_atoms_per_batch")
+    num_workers = int(dcfg.get("num_workers", 0) or 0)
+    atoms_per_config = num_atoms_of(data.train) if max_atoms else None
+    clip = tcfg.get("clip_grad")
+    patience = tcfg.get("patience")
+    eval_interval = int(tcfg.get("eval_interval", 1) or 1)
+    s2 = stage_two_start(tcfg, epochs)
+    ckpt_every = checkpoint_steps
+    make_plots = bool(ocfg.get("plots", True)) and info.is_main
+    data_seed = int(dcfg.get("seed", 1) if dcfg.get("seed") is not None else seed)
+
+    def checkpoint(epoch: int, step: int, extra: Optional[Dict[str, Any]] = None) -> None:
+        if not info.is_main:
+            return
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                   "ema": ema.state_dict() if ema is not None else None,
+                   "best_metric": best, "since_best": since_best, "history": history,
+                   "config": model_cfg, "statistics": stats, "splits": data.indices,
+                   "world_size": info.world_size, "versions": versions()}
+        payload.update(extra or {})
+        ckpts.save(payload, epoch, step)
+
+    header_printed = False
+    epoch = start_epoch
+    while epoch < epochs and not finished:
+        stage = 2 if (s2 is not None and epoch >= s2) else 1
+        loss_fn.set_weights(stage_weights(tcfg, stage))
+        if stage == 2 and epoch == s2 and start_step == 0 and not partial.get("stage_two_applied"):
+            lr2 = (tcfg.get("stage_two") or {}).get("lr")
+            if lr2 is not None:
+                for g in optimizer.param_groups:
+                    g["lr"] = float(lr2)
+            best, since_best = math.inf, 0
+            if info.is_main:
+                log.info("stage two from epoch %d: loss weights %s%s", epoch, loss_fn.describe(),
+                         f", lr {float(lr2):.3g}" if lr2 is not None else "")
+        batches = epoch_batches(len(data.train), batch_size, data_seed, epoch, True, atoms_per_config,
+                                int(max_atoms) if max_atoms else None)
+        t0 = time.time() - float(partial.get("elapsed", 0.0))
+        train_acc = MetricsAccumulator()
+        loss_sum, loss_n = float(partial.get("loss_sum", 0.0)), float(partial.get("loss_n", 0.0))
+        if partial.get("train_sums") is not None:
+            train_acc.load_sums(partial["train_sums"])
+        shards = [ddp.shard(b, info.rank, info.world_size) for b in batches[start_step:]]
+        progress = _progress(len(batches), start_step, epoch, info.is_main)
+        step = start_step
+        for graph in iterate_graphs(data.train, shards, r_max, num_workers):
+            graph = to_device(graph, device, dtype) if graph is not None else None
+            res = train_step(model, optimizer, loss_fn, graph, info, clip, ema, dtype, device)
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(f"loss is {res.loss} at epoch {epoch} step {step}")
+            if res.pred is not None:
+                train_acc.update(res.pred, graph)
+            loss_sum += res.loss
+            loss_n += 1
+            step += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{res.loss:.4g}")
+            if ckpt_every and step % int(ckpt_every) == 0 and step < len(batches):
+                checkpoint(epoch, step, {"partial": {"loss_sum": loss_sum, "loss_n": loss_n,
+                                                     "train_sums": train_acc.sums(),
+                                                     "elapsed": time.time() - t0,
+                                                     "stage_two_applied": stage == 2}})
+            _fire(callbacks, "step_end", {"epoch": epoch, "step": step, "loss": res.loss, "model": model})
+        if progress is not None:
+            progress.close()
+        start_step, partial = 0, {}
+
+        row: Dict[str, Any] = {"epoch": epoch + 1, "stage": stage, "train_loss": loss_sum / max(loss_n, 1)}
+        tsums = train_acc.sums()
+        ddp.all_reduce_sum(tsums, info)
+        train_acc.load_sums(tsums)
+        for k, v in train_acc.compute().items():
+            if k != "loss":
+                row[f"train_{k}"] = v
+        do_eval = ((epoch + 1) % eval_interval == 0) or epoch + 1 == epochs
+        metric = row["train_loss"]
+        if do_eval and data.valid is not None:
+            vm = evaluate(model, data.valid, loss_fn, r_max, batch_size, dtype, device, info, ema, num_workers)
+            row.update({f"valid_{k}": v for k, v in vm.items()})
+            metric = vm.get("loss", metric)
+        if scheduler is not None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if do_eval:
+                    scheduler.step(metric)
+            else:
+                scheduler.step()
+        row["lr"] = current_lr(optimizer)
+        row["time_s"] = time.time() - t0
+        history.append(row)
+        improved = do_eval and metric < best
+        if improved:
+            best, since_best = metric, 0
+            if info.is_main:
+                _save_best(model, ema, run_dir, epoch + 1, metric)
+        elif do_eval:
+            since_best += 1
+        if info.is_main:
+            if not header_printed:
+                log.info(epoch_line({}, header=True))
+                header_printed = True
+            log.info(epoch_line(row) + ("  *" if improved else ""))
+            # the learning curve costs ~1 s: drawn every 10 epochs and at the end
+            write_history(history, run_dir, make_plots and ((epoch + 1) % 10 == 0 or epoch + 1 >= epochs
+                                                            or (patience is not None and since_best >= int(patience))))
+        stop = patience is not None and since_best >= int(patience)
+        if stop and info.is_main:
+            log.info("early stopping: no improvement of the %s loss for %d epochs",
+                     "valid" if data.valid is not None else "train", since_best)
+        finished = stop or epoch + 1 >= epochs
+        checkpoint(epoch + 1, 0, {"finished": finished})
+        _fire(callbacks, "epoch_end", {"epoch": epoch, "row": row, "model": model})
+        epoch += 1
+
+    return _finish(model, ema, data, loss_fn, cfg, model_cfg, run_dir, history, r_max, batch_size,
+                   dtype, device, info, num_workers)
+
+
+def _save_best(model, ema, run_dir: Path, epoch: int, metric: float) -> None:
+    ctx = ema.average_parameters(model) if ema is not None else _nullcontext()
+    with ctx:
+        atomic_save({"epoch": epoch, "metric": metric, "ema": ema is not None,
+                     "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}},
+                    run_dir / "best.pt")
+
+
+def _finish(model, ema, data, loss_fn, cfg, model_cfg, run_dir, history, r_max, batch_size, dtype, device,
+            info, num_workers) -> TrainResult:
+    """Load the best (EMA) weights, save the final model, evaluate on every split."""
+    best_path = run_dir / "best.pt"
+    ddp.barrier(info)
+    if best_path.exists():
+        blob = torch.load(best_path, map_location=device, weights_only=False)
+        model.load_state_dict(blob["state_dict"])
+        which = f"best epoch {blob['epoch']}" + (" (EMA weights)" if blob.get("ema") else "")
+    else:
+        if ema is not None:
+            ema.copy_to(model)
+        which = "last epoch" + (" (EMA weights)" if ema is not None else "")
+    model_path = run_dir / f"{model_name(cfg)}.model"
+    if info.is_main:
+        _save_model(model, model_path)
+        log.info("saved model %s (%s)", model_path, which)
+    table: Dict[str, Dict[str, float]] = {}
+    for name, ds in (("train", data.train), ("valid", data.valid), ("test", data.test)):
+        if ds is None or len(ds) == 0:
+            continue
+        table[name] = evaluate(model, ds, loss_fn, r_max, batch_size, dtype, device, info, None, num_workers)
+    if info.is_main and table:
+        log.info("\n" + format_table(table, title=f"final errors ({which})"))
+        atomic_write_text(json.dumps(table, indent=1), run_dir / "final_metrics.json")
+    ddp.barrier(info)
+    return TrainResult(run_dir, model_path, history, table.get("test", {}), model)
+
+
+def _progress(total: int, initial: int, epoch: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", leave=False, disable=None,
+                dynamic_ncols=True)
+
+
+def _warn_config_changes(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    for section in ("model", "long_range", "data", "training"):
+        a, b = cfg.get(section) or {}, saved.get(section) or {}
+        for k in sorted(set(a) | set(b)):
+            if section == "model" and k in ("elements", "e0s", "avg_num_neighbors"):
+                continue
+            if section == "training" and k in ("epochs", "patience", "eval_interval"):
+                continue
+            if a.get(k) != b.get(k):
+                log.warning("resume: %s.%s differs from the checkpoint (%r vs %r); the checkpoint's "
+                            "value is used for the model, the new one for training", section, k,
+                            a.get(k), b.get(k))
+
+
+def _write_yaml(cfg: Mapping[str, Any], path: Path) -> None:
+    try:
+        import yaml
+
+        atomic_write_text(yaml.safe_dump(json.loads(json.dumps(cfg, default=str)), sort_keys=False), path)
+    except ImportError:  # pragma: no cover
+        pass

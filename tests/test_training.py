@@ -1,0 +1,374 @@
+"""Training: loss, EMA, checkpoints, CLI train/eval, kill-and-resume bitwise, DDP gradients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import toy_model  # noqa: E402
+
+from polarmace.training.checkpoint import CheckpointHandler  # noqa: E402
+from polarmace.training.ema import ExponentialMovingAverage  # noqa: E402
+from polarmace.training.loss import WeightedLoss  # noqa: E402
+from polarmace.training.metrics import MetricsAccumulator  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------ data
+def make_dataset(path: Path, n: int = 20, seed: int = 0) -> Path:
+    """Rattled, strained 4-atom fcc Cu/Au cells labelled by ASE's EMT (energy, forces, stress)."""
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True)
+        if k % 2:
+            a.numbers[rng.integers(4)] = 79
+        a.set_cell(a.cell.array @ (np.eye(3) + 0.02 * rng.standard_normal((3, 3))), scale_atoms=True)
+        a.rattle(0.1, seed=k)
+        a.calc = EMT()
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=False)
+        a.calc = None
+        a.info["energy"] = e
+        a.arrays["forces"] = f
+        a.info["stress"] = s
+        frames.append(a)
+    ase.io.write(str(path), frames, format="extxyz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "cu_au.xyz")
+
+
+def toy_config(data: Path, out: Path, **training) -> dict:
+    tr = {"epochs": 2, "lr": 0.01, "seed": 3, "ema_decay": 0.9, "scheduler": "plateau",
+          "loss_weights": {"energy": 1.0, "forces": 10.0, "stress": 1.0}}
+    tr.update(training)
+    return {"model": {"r_max": 4.0, "num_bessel": 6, "dtype": "float64"},
+            "data": {"train": str(data), "batch_size": 4, "valid_fraction": 0.2, "test_fraction": 0.1},
+            "training": tr,
+            "output": {"directory": str(out), "name": "toy", "plots": True}}
+
+
+def write_yaml(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------ loss
+def _graph(n_struct=2, n_atoms=3, labels=("energy", "forces", "bec")):
+    g = torch.Generator().manual_seed(0)
+    n = n_struct * n_atoms
+    graph = {"positions": torch.randn(n, 3, generator=g, dtype=torch.float64),
+             "batch": torch.arange(n_struct).repeat_interleave(n_atoms),
+             "num_atoms": torch.full((n_struct,), n_atoms), "cell": torch.eye(3, dtype=torch.float64).expand(n_struct, 3, 3)}
+    if "energy" in labels:
+        graph["energy"] = torch.randn(n_struct, generator=g, dtype=torch.float64)
+        graph["energy_mask"] = torch.ones(n_struct, dtype=torch.float64)
+    if "forces" in labels:
+        graph["forces"] = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        graph["forces_mask"] = torch.ones(n, dtype=torch.float64)
+    if "bec" in labels:
+        graph["bec"] = torch.randn(n, 3, 3, generator=g, dtype=torch.float64)
+        graph["bec_mask"] = torch.ones(n, dtype=torch.float64)
+    return graph
+
+
+def test_bec_loss_and_metrics_fix_the_global_sign():
+    graph = _graph()
+    loss_fn = WeightedLoss({"energy": 0.0, "forces": 0.0, "bec": 1.0})
+    loss_fn.resolve(["energy", "forces", "bec"])
+    pred = {"bec": graph["bec"].clone()}
+    pred["bec"][graph["batch"] == 1] *= -1  # structure 1 has the opposite latent-charge sign
+    total, terms = loss_fn(pred, graph)
+    assert float(total) == pytest.approx(0.0, abs=1e-24)
+    acc = MetricsAccumulator()
+    acc.update(pred, graph)
+    m = acc.compute()
+    assert m["BEC_mae"] == pytest.approx(0.0, abs=1e-12) and m["BEC_r2"] == pytest.approx(1.0)
+
+
+def test_masked_structures_do_not_contribute():
+    graph = _graph()
+    pred = {"energy": graph["energy"].clone(), "forces": graph["forces"].clone()}
+    pred["energy"][1] += 100.0
+    pred["forces"][graph["batch"] == 1] += 5.0
+    loss_fn = WeightedLoss({"energy": 1.0, "forces": 1.0})
+    loss_fn.resolve(["energy", "forces"])
+    assert float(loss_fn(pred, graph)[0]) > 1.0
+    graph["energy_mask"][1] = 0.0
+    graph["forces_mask"][graph["batch"] == 1] = 0.0
+    assert float(loss_fn(pred, graph)[0]) == pytest.approx(0.0, abs=1e-24)
+
+
+def test_missing_label_gives_one_warning_and_weight_zero():
+    loss_fn = WeightedLoss({"energy": 1.0, "forces": 100.0, "dipole": 5.0, "bec": 2.0})
+    with pytest.warns(UserWarning, match="'dipole'.*'bec'.*absent") as record:
+        weights = loss_fn.resolve(["energy", "forces"])
+    assert len([w for w in record if issubclass(w.category, UserWarning)]) == 1
+    assert weights["dipole"] == 0.0 and weights["bec"] == 0.0 and weights["forces"] == 100.0
+    assert loss_fn.active() == ("energy", "forces")
+
+
+def test_missing_label_through_the_trainer(dataset, tmp_path):
+    from polarmace.training.trainer import train
+
+    cfg = toy_config(dataset, tmp_path / "run", epochs=1)
+    cfg["training"]["loss_weights"]["dipole"] = 3.0  # the data has no dipoles
+    cfg["output"]["plots"] = False
+    with pytest.warns(UserWarning, match="'dipole' \\(weight 3\\).*absent from the training data"):
+        train(cfg, model_factory=toy_model.build_toy_model)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "active loss terms: energy=1, forces=10, stress=1" in log
+
+
+# ------------------------------------------------------------------------- EMA, checkpoints
+def test_ema_state_survives_a_checkpoint_round_trip(tmp_path):
+    cfg = {"model": {"elements": ["Cu", "Au"], "r_max": 4.0, "num_bessel": 4}}
+    model = toy_model.ToyModel(cfg)
+    ema = ExponentialMovingAverage(model, 0.95)
+    for k in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * (k + 1))
+        ema.update(model)
+    handler = CheckpointHandler(tmp_path, keep=2)
+    for step in range(4):
+        handler.save({"model": model.state_dict(), "ema": ema.state_dict()}, epoch=1, step=step)
+    assert [s for _, s, _ in handler.list()] == [2, 3]  # keep N
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+    state = handler.load()
+    assert state["epoch"] == 1 and state["step"] == 3 and {"torch", "numpy", "python"} <= set(state["rng"])
+    fresh = ExponentialMovingAverage(toy_model.ToyModel(cfg), 0.5)
+    fresh.load_state_dict(state["ema"])
+    assert fresh.num_updates == 5 and fresh.decay == 0.95
+    for name, t in ema.shadow.items():
+        assert torch.equal(fresh.shadow[name], t)
+    # evaluation swaps the averaged weights in and restores the training weights
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.average_parameters(model):
+        assert torch.equal(model.pair_weights, ema.shadow["pair_weights"])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    from polarmace.training.trainer import epoch_batches
+
+    a = epoch_batches(23, 4, seed=5, epoch=3)
+    assert a == epoch_batches(23, 4, seed=5, epoch=3)
+    assert a != epoch_batches(23, 4, seed=5, epoch=4)
+    assert sorted(i for b in a for i in b) == list(range(23))
+
+
+# ------------------------------------------------------------------------------- CLI runs
+def _check_run_outputs(run: Path, name: str = "toy") -> None:
+    assert list(run.glob("checkpoint-e*-s*.pt")), "no checkpoint written"
+    assert (run / f"{name}.model").is_file()
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "valid_loss", "valid_E_rmse", "valid_F_mae", "lr"} <= set(rows[0])
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
+    assert (run / "config.yaml").is_file() and (run / "splits.json").is_file()
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert "test" in final and "E_rmse" in final["test"]
+
+
+def _check_eval_outputs(out: Path, n_frames: int) -> None:
+    import ase.io
+
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"E_mae", "E_rmse", "F_mae", "F_rmse", "S_rmse"} <= set(metrics)
+    frames = ase.io.read(str(out / "predictions.xyz"), ":")
+    assert len(frames) == n_frames
+    assert frames[0].get_forces().shape == (len(frames[0]), 3)
+    assert np.isfinite(frames[0].get_potential_energy())
+    pytest.importorskip("matplotlib")
+    assert (out / "parity_energy.png").is_file() and (out / "parity_forces.png").is_file()
+
+
+def test_two_epoch_cli_run_and_eval_with_the_toy_model(dataset, tmp_path, capsys):
+    from polarmace.cli import eval as eval_cli
+    from polarmace.cli import train as train_cli
+
+    cfg = write_yaml(toy_config(dataset, tmp_path / "run"), tmp_path / "cfg.yaml")
+    rc = train_cli.main([str(cfg), "--model-factory", "toy_model:build_toy_model", "training.lr=0.02"])
+    assert rc == 0
+    run = tmp_path / "run"
+    _check_run_outputs(run)
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["lr"] == 0.02
+    rc = eval_cli.main(["--model", str(run / "toy.model"), "--data", str(dataset), "--output", str(tmp_path / "ev"),
+                        "--model-class", "toy_model:ToyModel"])
+    assert rc == 0
+    assert "E_rmse" in capsys.readouterr().out
+    _check_eval_outputs(tmp_path / "ev", 20)
+    # a second run into the same directory without --resume is refused, not silently overwritten
+    assert train_cli.main([str(cfg), "--model-factory", "toy_model:build_toy_model"]) == 2
+
+
+def test_two_epoch_cli_run_and_eval_with_polarmace(dataset, tmp_path):
+    model_mod = pytest.importorskip("polarmace.model")
+    if not hasattr(model_mod, "PolarMACE"):
+        pytest.skip("polarmace.model.PolarMACE not available yet")
+    from polarmace.cli import eval as eval_cli
+    from polarmace.cli import train as train_cli
+
+    cfg = toy_config(dataset, tmp_path / "run")
+    cfg["model"].update({"hidden_irreps": "8x0e+8x1o", "max_ell": 1, "correlation": 2, "num_interactions": 1,
+                         "radial_mlp": [8]})
+    cfg["long_range"] = {"variant": "sr"}
+    cfg_path = write_yaml(cfg, tmp_path / "cfg.yaml")
+    assert train_cli.main([str(cfg_path)]) == 0
+    _check_run_outputs(tmp_path / "run")
+    assert eval_cli.main(["--model", str(tmp_path / "run" / "toy.model"), "--data", str(dataset),
+                          "--output", str(tmp_path / "ev")]) == 0
+    _check_eval_outputs(tmp_path / "ev", 20)
+
+
+# ---------------------------------------------------------------------- kill and resume
+_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import toy_model
+    from polarmace.training.trainer import train
+
+    kill_at = int(sys.argv[2])
+    count = [0]
+
+    def killer(event, state):
+        if event == "step_end":
+            count[0] += 1
+            if count[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    train(sys.argv[1], model_factory=toy_model.build_toy_model, checkpoint_steps=2,
+          callbacks=[killer] if kill_at > 0 else [], resume="--resume" in sys.argv)
+""")
+
+
+def _final_state(run: Path):
+    handler = CheckpointHandler(run)
+    state = handler.load()
+    blob = torch.load(run / "toy.model", weights_only=False)
+    return state, blob["state_dict"]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(dataset, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER.format(tests=str(HERE)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = dict(epochs=4, stage_two={"start_epoch": 2, "energy_weight": 100.0, "forces_weight": 10.0, "lr": 0.005})
+    cfgs = {}
+    for name in ("straight", "killed"):
+        cfg = toy_config(dataset, tmp_path / name, **common)
+        cfg["output"]["plots"] = False
+        cfgs[name] = write_yaml(cfg, tmp_path / f"{name}.yaml")
+    # 14 train configurations, batch 4 -> 4 steps per epoch; kill at global step 7 = epoch 2, step 3
+    # (after the step-2 checkpoint, so step 3 is lost and redone)
+    straight = subprocess.run([sys.executable, str(driver), str(cfgs["straight"]), "0"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    killed = subprocess.run([sys.executable, str(driver), str(cfgs["killed"]), "7"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    latest = CheckpointHandler(tmp_path / "killed").load()
+    assert (latest["epoch"], latest["step"]) == (1, 2)
+    resumed = subprocess.run([sys.executable, str(driver), str(cfgs["killed"]), "0", "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed at epoch 1 step 2" in resumed.stdout
+    (sa, ma), (sb, mb) = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    for key in ma:
+        assert torch.equal(ma[key], mb[key]), key
+    for key in sa["ema"]["shadow"]:
+        assert torch.equal(sa["ema"]["shadow"][key], sb["ema"]["shadow"][key]), key
+    assert sa["ema"]["num_updates"] == sb["ema"]["num_updates"] == 16
+    assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert strip(sa["history"]) == strip(sb["history"])
+
+
+# ------------------------------------------------------------------------------------ DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch(data_path: str):
+    from polarmace.data.atoms import read_configurations
+    return read_configurations(data_path)[:6]
+
+
+def _ddp_worker(rank: int, world: int, port: int, data_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from polarmace.training import distributed as ddp
+    from polarmace.training.trainer import collate_graph, train_step
+
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        info = ddp.DistInfo(rank, world, rank, "gloo")
+        configs = _global_batch(data_path)
+        mine = ddp.shard(list(range(len(configs))), rank, world)
+        graph = collate_graph([configs[i] for i in mine], 4.0)
+        model = toy_model.ToyModel({"model": {"elements": ["Cu", "Au"], "r_max": 4.0, "num_bessel": 6, "seed": 1}})
+        loss_fn = WeightedLoss({"energy": 1.0, "forces": 10.0, "stress": 1.0})
+        loss_fn.resolve(["energy", "forces", "stress"], log_active=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        res = train_step(model, opt, loss_fn, graph, info, None, None, torch.float64, torch.device("cpu"))
+        if rank == 0:
+            torch.save({"loss": res.loss, "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
+                       os.path.join(out_dir, "ddp.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_single_process_on_the_global_batch(dataset, tmp_path):
+    import torch.multiprocessing as mp
+
+    from polarmace.training import distributed as ddp
+    from polarmace.training.trainer import collate_graph, train_step
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path)), nprocs=2, join=True)
+    ddp_result = torch.load(tmp_path / "ddp.pt", weights_only=False)
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        configs = _global_batch(str(dataset))
+        graph = collate_graph(configs, 4.0)
+        model = toy_model.ToyModel({"model": {"elements": ["Cu", "Au"], "r_max": 4.0, "num_bessel": 6, "seed": 1}})
+        loss_fn = WeightedLoss({"energy": 1.0, "forces": 10.0, "stress": 1.0})
+        loss_fn.resolve(["energy", "forces", "stress"], log_active=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        res = train_step(model, opt, loss_fn, graph, ddp.DistInfo(), None, None, torch.float64, torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(old)
+    assert ddp_result["loss"] == pytest.approx(res.loss, rel=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_result["grads"][name], p.grad, rtol=1e-12, atol=1e-14)
+        assert p.grad.abs().sum() > 0
