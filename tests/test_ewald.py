@@ -30,7 +30,8 @@ LEFT_HANDED = np.array([[0.4, 5.9, 0.6], [6.1, -0.3, 0.9], [0.8, 1.2, 6.8]])  # 
 
 def _traceless(a):
     s = 0.5 * (a + a.transpose(-1, -2))
-    return s - torch.eye(3, dtype=a.dtype) * torch.diagonal(s, dim1=-2, dim2=-1).sum(-1)[..., None, None] / 3
+    trace = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    return s - torch.eye(3, dtype=a.dtype) * trace / 3
 
 
 def _system(cell, n, seed, dipoles=True, quadrupoles=True, neutral=True):
@@ -41,7 +42,9 @@ def _system(cell, n, seed, dipoles=True, quadrupoles=True, neutral=True):
     if neutral:
         q = q - q.mean()
     mu = 0.3 * torch.randn(n, 3, generator=g, dtype=DTYPE) if dipoles else None
-    theta = _traceless(0.3 * torch.randn(n, 3, 3, generator=g, dtype=DTYPE)) if quadrupoles else None
+    theta = None
+    if quadrupoles:
+        theta = _traceless(0.3 * torch.randn(n, 3, 3, generator=g, dtype=DTYPE))
     return pos, cell, q, mu, theta
 
 
@@ -101,13 +104,14 @@ def _brute_force_kspace(pos, cell, q, mu, theta, beta, nmax):
 
 
 def _brute_force_realspace_difference(pos, cell, q, beta1, beta2, rcut):
-    """½ Σ_{i,j,n}' q_i q_j k_e [erf(β1 r) − erf(β2 r)]/r + the r → 0 limit of the i = j, n = 0 term.
+    """½ Σ_{i,j,n}' q_i q_j k_e [erf(β1 r) − erf(β2 r)]/r + r → 0 limit of the i = j, n = 0 term.
 
     This equals E_rec(β1) − E_rec(β2) for a neutral set of charges (both include the self image).
     """
     from math import erf
     pos, cell, q = np.asarray(pos), np.asarray(cell), np.asarray(q)
-    heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    areas = np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    heights = abs(np.linalg.det(cell)) / areas
     nrep = [int(np.ceil(rcut / h)) + 1 for h in heights]
     total = 0.0
     for n in itertools.product(*[range(-m, m + 1) for m in nrep]):
@@ -133,7 +137,8 @@ def test_matches_brute_force_kspace(cell):
     kmax = kmax_for_accuracy(beta, 1e-15)
     nmax = 12
     assert kmax * np.linalg.norm(cell, axis=1).max() / (2 * np.pi) < nmax  # cube holds the sphere
-    ref_phi, ref_field, ref_grad, ref_energy = _brute_force_kspace(pos, cell_t, q, mu, theta, beta, nmax)
+    ref_phi, ref_field, ref_grad, ref_energy = _brute_force_kspace(pos, cell_t, q, mu, theta,
+                                                                   beta, nmax)
     np.testing.assert_allclose(phi.numpy(), ref_phi, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(field.numpy(), ref_field, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-9)
@@ -141,7 +146,8 @@ def test_matches_brute_force_kspace(cell):
 
 
 def test_converged_kset_is_the_full_sphere():
-    cell = torch.as_tensor(np.stack([TRICLINIC, LEFT_HANDED, np.diag([5.0, 9.0, 13.0])]), dtype=DTYPE)
+    cells = np.stack([TRICLINIC, LEFT_HANDED, np.diag([5.0, 9.0, 13.0])])
+    cell = torch.as_tensor(cells, dtype=DTYPE)
     kmax = torch.tensor([2.1, 1.7, 2.5], dtype=DTYPE)
     k, m = converged_kvectors(cell, kmax)
     for b in range(3):
@@ -227,25 +233,36 @@ def test_batched_equals_single_and_padding_does_not_leak():
     q = torch.cat([s[2] for s in systems])
     mu = torch.cat([s[3] for s in systems])
     theta = torch.cat([s[4] for s in systems])
-    batch = torch.cat([torch.full((len(s[2]),), b, dtype=torch.long) for b, s in enumerate(systems)])
+    batch = torch.cat([torch.full((len(s[2]),), b, dtype=torch.long)
+                       for b, s in enumerate(systems)])
     for kset in ("converged", "les"):
         k, m = converged_kvectors(cell, kmax) if kset == "converged" else les_kvectors(cell)
         assert (m.sum(1) < m.shape[1]).any()  # there is padding to leak through
-        phi, field, grad = reciprocal_site_fields(pos, batch, cell, q, mu, theta, beta, k, m, True, 100)
+        phi, field, grad = reciprocal_site_fields(pos, batch, cell, q, mu, theta, beta, k, m,
+                                                  True, 100)
         energy = reciprocal_energy(pos, batch, cell, q, mu, theta, beta, k, m, 100)
         for b, (p, c, qq, mm, tt) in enumerate(systems):
-            (phi_s, field_s, grad_s), e_s = _single(p, c, qq, mm, tt, beta, kset=kset, accuracy=1e-6)
+            (phi_s, field_s, grad_s), e_s = _single(p, c, qq, mm, tt, beta, kset=kset,
+                                                    accuracy=1e-6)
             sel = batch == b
             torch.testing.assert_close(phi[sel], phi_s, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(field[sel], field_s, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(grad[sel], grad_s, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(energy[b], e_s[0], rtol=1e-11, atol=1e-12)
+    # atoms of different structures interleaved: same per-atom results
+    perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(3))
+    phi_p, field_p, grad_p = reciprocal_site_fields(pos[perm], batch[perm], cell, q[perm],
+                                                    mu[perm], theta[perm], beta, k, m, True, 0)
+    torch.testing.assert_close(phi_p, phi[perm], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(field_p, field[perm], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_p, grad[perm], rtol=1e-10, atol=1e-12)
 
 
 def test_rotation_invariance():
     pos, cell, q, mu, theta = _system(TRICLINIC, 6, seed=6)
     (phi, field, grad), energy = _single(pos, cell, q, mu, theta, SIGMA_BETA, accuracy=1e-6)
-    rot = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=DTYPE))[0]
+    gen = torch.Generator().manual_seed(0)
+    rot = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=DTYPE))[0]
     rot = rot * torch.sign(torch.det(rot))  # proper rotation
     (phi_r, field_r, grad_r), energy_r = _single(pos @ rot.T, cell @ rot.T, q, mu @ rot.T,
                                                  rot @ theta @ rot.T, SIGMA_BETA, accuracy=1e-6)
@@ -289,7 +306,8 @@ def test_les_kset_cubic_by_hand():
             if 0 < np.sum((np.array(n) @ recip) ** 2) <= np.pi ** 2]
     got2 = k2[0][m2[0]].numpy()
     assert 2 * len(got2) == len(ref2)
-    assert set(map(tuple, np.round(np.concatenate([got2, -got2]), 8))) == set(map(tuple, np.round(ref2, 8)))
+    got2_full = np.round(np.concatenate([got2, -got2]), 8)
+    assert set(map(tuple, got2_full)) == set(map(tuple, np.round(ref2, 8)))
     k2c, m2c = converged_kvectors(skew.unsqueeze(0), math.pi)
     torch.testing.assert_close(k2c, k2)
     # the truncated set is not the converged one at σ = 1
@@ -334,7 +352,8 @@ def test_double_backward():
     v = torch.randn(pos.shape, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
 
     def forces_dot_v(charges, create_graph):
-        _, e = _single(pos, cell, charges, mu, theta, SIGMA_BETA, accuracy=1e-8, need_gradient=False)
+        _, e = _single(pos, cell, charges, mu, theta, SIGMA_BETA, accuracy=1e-8,
+                       need_gradient=False)
         f = -torch.autograd.grad(e.sum(), pos, create_graph=create_graph)[0]
         return (f * v).sum()
 

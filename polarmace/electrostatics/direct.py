@@ -35,7 +35,7 @@ def _pad(x: Tensor, flat: Tensor, num: int) -> Tensor:
 
 
 def _receive(
-    Bt: Tensor,
+    Bt: List[Tensor],
     R: Tensor,
     q_s: Tensor,
     mu_s: Optional[Tensor],
@@ -46,7 +46,7 @@ def _receive(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Fields at the receivers of a [B, c, m] block of pairs, summed over the sources.
 
-    Bt: [k, B, c, m] radial derivatives (zero for excluded pairs); R: [B, c, m, 3] receiver
+    Bt: k tensors [B, c, m], the radial derivatives B_n (zero for excluded pairs); R: [B, c, m, 3] receiver
     minus source. dim = 2: receivers are the rows (i), sources the columns (j) and q_s, mu_s,
     theta_s, half_tr_s are the column sites' [B, m, ...] values; dim = 1: the other way round
     (R must then already be the column-minus-row vector). Same formulas as
@@ -186,7 +186,9 @@ def open_site_fields(
     i0 = 0
     while i0 < n_max:
         m = n_max - i0
-        c = min(m, max(1, chunk_size // max(1, n_struct * m)))
+        # rows per block: ~chunk_size pairs, and at most max(32, m/8) rows so that the wasted
+        # lower triangle of the block (j ≤ i, masked) stays small
+        c = min(m, max(1, chunk_size // max(1, n_struct * m)), max(32, m // 8))
         i1 = i0 + c
         R = pos_p[:, i0:i1, None, :] - pos_p[:, None, i0:, :]  # [B, c, m, 3], r_i − r_j
         mask = valid[:, i0:i1, None] & valid[:, None, i0:]
@@ -199,10 +201,13 @@ def open_site_fields(
                 "open_site_fields: two sites of structure {} (slots {} and {}) share the same "
                 "position; check the positions (overlapping atoms)".format(
                     int(bad[0].item()), int(bad[1].item()) + i0, int(bad[2].item()) + i0))
-        r = torch.sqrt(torch.where(mask, r2, torch.ones_like(r2)))
-        Bt = radial_derivatives(r.reshape(-1), sigma, 0.0, order).t()  # [k, P] contiguous
-        Bt = torch.where(mask.reshape(1, -1), Bt, torch.zeros_like(Bt))
-        Bt = Bt.reshape(order + 1, n_struct, c, m)
+        # radial derivatives only for the pairs that exist (j > i, both real sites)
+        pair_idx = torch.nonzero(mask.reshape(-1)).flatten()
+        r = torch.sqrt(r2.reshape(-1).index_select(0, pair_idx))
+        Bv = radial_derivatives(r, sigma, 0.0, order).t()  # [k, P_valid], contiguous
+        Bt = torch.zeros(order + 1, mask.numel(), dtype=dtype, device=device)
+        Bt = Bt.index_copy(1, pair_idx, Bv)
+        Bl = Bt.reshape(order + 1, n_struct, c, m).unbind(0)
         mu_c: Optional[Tensor] = None
         mu_r: Optional[Tensor] = None
         if mu_p is not None:
@@ -218,9 +223,9 @@ def open_site_fields(
             ht_c = half_tr[:, i0:]
             ht_r = half_tr[:, i0:i1]
         # rows receive from columns
-        phi_r, field_r, grad_r = _receive(Bt, R, q_p[:, i0:], mu_c, th_c, ht_c, need_gradient, 2)
+        phi_r, field_r, grad_r = _receive(Bl, R, q_p[:, i0:], mu_c, th_c, ht_c, need_gradient, 2)
         # columns receive from rows, with the column-minus-row vector −R
-        phi_c, field_c, grad_c = _receive(Bt, -R, q_p[:, i0:i1], mu_r, th_r, ht_r,
+        phi_c, field_c, grad_c = _receive(Bl, -R, q_p[:, i0:i1], mu_r, th_r, ht_r,
                                           need_gradient, 1)
         parts_r = [phi_r.unsqueeze(-1), field_r]
         parts_c = [phi_c.unsqueeze(-1), field_c]

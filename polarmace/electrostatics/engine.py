@@ -134,6 +134,7 @@ class Electrostatics(torch.nn.Module):
             # real-space cutoff where erfc(β r) has decayed to the accuracy
             self.real_space_cutoff = math.sqrt(-math.log(accuracy)) / beta
         self.kmax = 2.0 * beta * math.sqrt(-math.log(accuracy))
+        self.taper_width = 1.1
 
     def extra_repr(self) -> str:
         return (f"sigma={self.sigma}, method={self.method!r}, accuracy={self.accuracy}, "
@@ -266,10 +267,16 @@ class Electrostatics(torch.nn.Module):
         else:
             if self.kspace == "les":
                 kvecs, kmask = ewald.les_kvectors(cell, self.dl)
+                phi, field, gradient = ewald.reciprocal_site_fields(
+                    positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient)
             else:
-                kvecs, kmask = ewald.converged_kvectors(cell, self.kmax)
-            phi, field, gradient = ewald.reciprocal_site_fields(positions, batch, cell, q, mu, theta,
-                                                                beta, kvecs, kmask, need_gradient)
+                # the converged set is tapered smoothly to zero between kmax and 1.1 kmax, so
+                # k-vectors that enter or leave under strain cause no jump (SPEC §2)
+                kend = self.kmax * self.taper_width
+                kvecs, kmask = ewald.converged_kvectors(cell, kend)
+                phi, field, gradient = ewald.reciprocal_site_fields(
+                    positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient,
+                    0, self.kmax, kend)
         phi, field, gradient = self._subtract_self(phi, field, gradient, q, mu, theta, beta)
         if self.needs_real_space:
             edge_index, shifts = _neighbour_list(positions, cell, pbc, batch, self.real_space_cutoff)

@@ -54,6 +54,8 @@ def polarization(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
 
 
 def _grad(output: torch.Tensor, positions: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    if not output.requires_grad:  # e.g. zero dipoles: no dependence on the positions
+        return torch.zeros_like(positions)
     g = torch.autograd.grad([output], [positions], retain_graph=True, create_graph=create_graph,
                             allow_unused=True)[0]
     return torch.zeros_like(positions) if g is None else g

@@ -263,7 +263,7 @@ class SymmetricContraction(nn.Module):
                 pres_t = torch.tensor(pres)
                 nz = coeff.nonzero()  # [nnz, 3] (k, s, m)
                 kk, ss, mm = nz[:, 0], nz[:, 1], nz[:, 2]
-                rows.append((lasts_t[ss] * len(prefixes) + pres_t[ss]) * out_dim + m_off + mm)
+                rows.append((lasts_t[ss] * out_dim + m_off + mm) * len(prefixes) + pres_t[ss])
                 cols.append(ktot + kk)
                 vals.append(coeff[kk, ss, mm])
                 block_slices.append((ktot, ktot + k, k))
@@ -292,9 +292,9 @@ class SymmetricContraction(nn.Module):
         self.nvar = nvar
 
     def coupling_tensor(self, element: int) -> torch.Tensor:
-        """V_e = U · W_e as [C, nvar, S'·out_dim]."""
-        v = self.coupling.to(self.weight.dtype) @ self.weight[element]  # [nrows, C]
-        return v.t().reshape(self.num_channels, self.nvar, self.num_prefix * self.out_dim)
+        """V_e = (U · W_e)ᵀ as a contiguous [C, nvar, M·S'] (output component major)."""
+        v = torch.matmul(self.weight[element].t(), self.coupling.to(self.weight.dtype).t())  # [C, nrows]
+        return v.view(self.num_channels, self.nvar, self.out_dim * self.num_prefix)
 
     def forward(self, a: torch.Tensor, counts: List[int]) -> torch.Tensor:
         c, n, _ = a.shape
@@ -317,9 +317,8 @@ class SymmetricContraction(nn.Module):
             g = g_parts[0]
         else:
             g = torch.cat(g_parts, dim=1)  # [C, N, S'*M]
-        g = g.view(c * n, self.num_prefix, self.out_dim)
-        out = torch.bmm(prefix.reshape(c * n, 1, self.num_prefix), g)
-        return out.view(c, n, self.out_dim)
+        g = g.view(c, n, self.out_dim, self.num_prefix)
+        return (g * prefix[:, :, None, :]).sum(3)
 
 
 def reference_contraction(a: torch.Tensor, element: torch.Tensor, sc: SymmetricContraction) -> torch.Tensor:
