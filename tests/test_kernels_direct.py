@@ -309,6 +309,39 @@ def test_point_charges_converge_to_multipoles(sigma):
         assert errs[0] / errs[1] > 6 and errs[1] / errs[2] > 6, errs
 
 
+def test_trace_of_theta_acts_through_laplacian_of_smeared_kernel():
+    """For a smeared kernel ∇²φ ≠ 0, so the full (not de-traced) second moment is what a charge
+    cluster converges to at short range; the trace terms of the contractions must match it."""
+    gen = torch.Generator().manual_seed(21)
+    offs = torch.randn(4, 3, generator=gen, dtype=DT)
+    chg = torch.randn(4, generator=gen, dtype=DT)
+    probe = torch.tensor([0.9, -0.6, 0.7], dtype=DT)
+    sigma = 0.8
+    errs_full, errs_traceless = [], []
+    for d in (0.04, 0.02, 0.01):
+        q = chg.sum()
+        mu = (chg[:, None] * d * offs).sum(0)
+        full = torch.einsum("k,ka,kb->ab", chg, d * offs, d * offs)
+        traceless = full - torch.eye(3, dtype=DT) * full.trace() / 3
+        ref = probe_fields(probe, d * offs, chg, None, None, sigma)
+        for theta, errs in ((full, errs_full), (traceless, errs_traceless)):
+            got = probe_fields(probe, torch.zeros(1, 3, dtype=DT), q[None], mu[None], theta[None], sigma)
+            errs.append(max(((x - y).norm() / y.norm()).item() for x, y in zip(got, ref)))
+    assert errs_full[0] / errs_full[1] > 6 and errs_full[1] / errs_full[2] > 6, errs_full
+    assert errs_traceless[1] / errs_traceless[2] < 5, errs_traceless  # O(d²): trace term missing
+    # and the batched sums agree with the pair loop for a non-traceless Θ
+    n = 7
+    pos = random_cluster(n, gen, spacing=1.5)
+    q, mu, _ = multipoles(n, gen)
+    theta = torch.randn(n, 3, 3, generator=gen, dtype=DT)
+    theta = theta + theta.transpose(1, 2)
+    batch = torch.zeros(n, dtype=torch.long)
+    got = open_site_fields(pos, batch, q, mu, theta, sigma, True)
+    ref = naive_open(pos, batch, q, mu, theta, sigma, True)
+    for x, y in zip(got, ref):
+        assert torch.allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
 def test_dipole_as_limit_of_two_charges():
     """±q/d at ±d/2 along μ̂: potential, field, gradient → the point dipole's, error O(d²)."""
     mu = torch.tensor([0.3, -0.8, 0.5], dtype=DT)

@@ -35,78 +35,80 @@ def _pad(x: Tensor, flat: Tensor, num: int) -> Tensor:
 
 
 def _receive(
-    Bt: List[Tensor],
+    Bl: List[Tensor],
     R: Tensor,
-    q_s: Tensor,
-    mu_s: Optional[Tensor],
-    theta_s: Optional[Tensor],
-    half_tr_s: Optional[Tensor],
+    q_e: Tensor,
+    mu_e: Optional[Tensor],
+    mu_g: Optional[Tensor],
+    theta_e: Optional[Tensor],
+    theta_g: Optional[Tensor],
+    half_tr_e: Optional[Tensor],
     need_gradient: bool,
-    dim: int,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Fields at the receivers of a [B, c, m] block of pairs, summed over the sources.
+    """Fields at the receivers (rows) of a [B, c, m] block of pairs, summed over the sources
+    (columns).
 
-    Bt: k tensors [B, c, m], the radial derivatives B_n (zero for excluded pairs); R: [B, c, m, 3] receiver
-    minus source. dim = 2: receivers are the rows (i), sources the columns (j) and q_s, mu_s,
-    theta_s, half_tr_s are the column sites' [B, m, ...] values; dim = 1: the other way round
-    (R must then already be the column-minus-row vector). Same formulas as
-    `kernels.pair_site_fields`, with the sums over sources done by batched matrix products.
+    Same formulas as `kernels.pair_site_fields`, in a component-first layout so that every
+    elementwise operation runs over contiguous [B, c, m] planes and every sum over sources is
+    a reduction over the contiguous last dimension or a batched matrix product.
+
+    Args:
+        Bl: radial derivatives B_n, each [B, c, m] (zero for excluded pairs).
+        R: [B, 3, c, m] receiver minus source.
+        q_e [B, 1, m], mu_e [B, 3, 1, m], theta_e [B, 3, 3, 1, m], half_tr_e [B, 1, m]: the
+            sources' charges, dipoles, quadrupoles and ½ tr Θ, shaped to broadcast.
+        mu_g [B, m, 3], theta_g [B, m, 9]: the same sources as matrices for the sums
+            Σ_j B_n μ_j and Σ_j B_n Θ_j.
+
+    Returns:
+        phi [B, c], field [B, c, 3], gradient [B, c, 3, 3] or None.
     """
-    if dim == 2:
-        q_b = q_s.unsqueeze(1)
-        eq_vec = "bij,bjx->bix"
-        eq_rot = "bjxy,bijy->bijx"
-        eq_outer = "bijx,bijy->bixy"
-    else:
-        q_b = q_s.unsqueeze(2)
-        eq_vec = "bij,bix->bjx"
-        eq_rot = "bixy,bijy->bijx"
-        eq_outer = "bijx,bijy->bjxy"
-    b1 = Bt[1]
-    s0 = q_b * Bt[0]
-    s1 = q_b * b1
+    b0 = Bl[0]
+    b1 = Bl[1]
+    s0 = q_e * b0
+    s1 = q_e * b1
     s2 = s1
     if need_gradient:
-        s2 = q_b * Bt[2]
+        s2 = q_e * Bl[2]
     tR: Optional[Tensor] = None
-    wvec: Optional[Tensor] = None  # w − ½ s2 R
+    w: Optional[Tensor] = None
     field_extra: Optional[Tensor] = None
     grad_extra: Optional[Tensor] = None
-    if mu_s is not None:
-        mu_b = mu_s.unsqueeze(1) if dim == 2 else mu_s.unsqueeze(2)
-        mr = (mu_b * R).sum(dim=-1)
+    if mu_e is not None and mu_g is not None:
+        mr = mu_e[:, 0] * R[:, 0] + mu_e[:, 1] * R[:, 1] + mu_e[:, 2] * R[:, 2]
         s0 = s0 + mr * b1
-        s1 = s1 + mr * Bt[2]
-        field_extra = -torch.einsum(eq_vec, b1, mu_s)
+        s1 = s1 + mr * Bl[2]
+        field_extra = -torch.bmm(b1, mu_g)
         if need_gradient:
-            s2 = s2 + mr * Bt[3]
-            wvec = Bt[2].unsqueeze(-1) * mu_b
-    if theta_s is not None and half_tr_s is not None:
-        ht = half_tr_s.unsqueeze(1) if dim == 2 else half_tr_s.unsqueeze(2)
-        tR = torch.einsum(eq_rot, theta_s, R)
-        h = 0.5 * (tR * R).sum(dim=-1)
-        s0 = s0 + h * Bt[2] - ht * b1
-        s1 = s1 + h * Bt[3] - ht * Bt[2]
+            s2 = s2 + mr * Bl[3]
+            w = Bl[2].unsqueeze(1) * mu_e
+    if theta_e is not None and theta_g is not None and half_tr_e is not None:
+        t = theta_e[:, :, 0] * R[:, 0:1]
+        t = t + theta_e[:, :, 1] * R[:, 1:2]
+        t = t + theta_e[:, :, 2] * R[:, 2:3]  # ΘR, [B, 3, c, m]
+        tR = t
+        h = 0.5 * (t[:, 0] * R[:, 0] + t[:, 1] * R[:, 1] + t[:, 2] * R[:, 2])
+        s0 = s0 + h * Bl[2] - half_tr_e * b1
+        s1 = s1 + h * Bl[3] - half_tr_e * Bl[2]
         if need_gradient:
-            s2 = s2 + h * Bt[4] - ht * Bt[3]
-            wt = Bt[3].unsqueeze(-1) * tR
-            wvec = wt if wvec is None else wvec + wt
-            k = theta_s.shape[1]
-            g_theta = torch.einsum(eq_vec, Bt[2], theta_s.reshape(theta_s.shape[0], k, 9))
-            grad_extra = -g_theta.reshape(g_theta.shape[0], g_theta.shape[1], 3, 3)
-    vec = s1.unsqueeze(-1) * R
+            s2 = s2 + h * Bl[4] - half_tr_e * Bl[3]
+            wt = Bl[3].unsqueeze(1) * t
+            w = wt if w is None else w + wt
+            g9 = torch.bmm(Bl[2], theta_g)
+            grad_extra = -g9.view(g9.shape[0], g9.shape[1], 3, 3)
+    vec = s1.unsqueeze(1) * R
     if tR is not None:
-        vec = vec - Bt[2].unsqueeze(-1) * tR
-    phi = s0.sum(dim=dim)
-    field = vec.sum(dim=dim)
+        vec = vec - Bl[2].unsqueeze(1) * tR
+    field = vec.sum(dim=3).transpose(1, 2)
     if field_extra is not None:
         field = field + field_extra
+    phi = s0.sum(dim=2)
     grad: Optional[Tensor] = None
     if need_gradient:
-        half_s2R = 0.5 * s2.unsqueeze(-1) * R
-        w = -half_s2R if wvec is None else wvec - half_s2R
-        m = torch.einsum(eq_outer, R, w)
-        s1_sum = s1.sum(dim=dim)
+        half = (0.5 * s2).unsqueeze(1) * R
+        w2 = -half if w is None else w - half
+        m = torch.einsum("bxij,byij->bixy", R, w2)
+        s1_sum = s1.sum(dim=2)
         g = m + m.transpose(-1, -2) + torch.diag_embed(s1_sum.unsqueeze(-1).expand(-1, -1, 3))
         if grad_extra is not None:
             g = g + grad_extra
@@ -126,10 +128,11 @@ def open_site_fields(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Potential, field (and field gradient) at every site from all other sites of its structure.
 
-    Each unordered pair is evaluated once (radial derivatives shared by both directions, with
-    T_n(−R) = (−1)^n T_n(R) handled by passing −R). Structures are padded to the largest one
-    ([B, n_max] slots, masks for padding and i = j); receivers are processed in row blocks
-    [i0, i1) against columns [i0, n_max) of at most ~chunk_size pairs.
+    Each unordered pair is evaluated once (radial derivatives shared by both directions; the
+    reverse direction uses −R). Structures are padded to the largest one ([B, n_max] slots,
+    masks for padding and j ≤ i); receivers are processed in row blocks [i0, i1) against the
+    columns [i0, n_max), each block of at most ~chunk_size pairs; radial derivatives are
+    evaluated only for the real pairs of a block.
 
     Args:
         positions: [N, 3] Å.
@@ -157,7 +160,7 @@ def open_site_fields(
         return positions.new_zeros(0), positions.new_zeros(0, 3), empty_g
     order = required_order(mu is not None, theta is not None, need_gradient)
 
-    # Padded [B, n_max] layout: structure b, slot l.
+    # Padded [B, n_max] layout (structure b, slot l); vectors component-first, [B, 3, n_max].
     n_struct = int(batch[-1].item()) + 1
     counts = torch.bincount(batch, minlength=n_struct)
     n_max = int(counts.max().item())
@@ -165,18 +168,22 @@ def open_site_fields(
     local = torch.arange(n_sites, device=device) - offsets[batch]
     flat = batch * n_max + local
     num = n_struct * n_max
-    pos_p = _pad(positions, flat, num).view(n_struct, n_max, 3)
+    pos_t = _pad(positions, flat, num).view(n_struct, n_max, 3).transpose(1, 2).contiguous()
     q_p = _pad(q, flat, num).view(n_struct, n_max)
     valid = torch.zeros(num, dtype=torch.bool, device=device).index_fill(0, flat, True)
     valid = valid.view(n_struct, n_max)
-    mu_p: Optional[Tensor] = None
+    mu_g: Optional[Tensor] = None
+    mu_t: Optional[Tensor] = None
     if mu is not None:
-        mu_p = _pad(mu, flat, num).view(n_struct, n_max, 3)
-    theta_p: Optional[Tensor] = None
+        mu_g = _pad(mu, flat, num).view(n_struct, n_max, 3)
+        mu_t = mu_g.transpose(1, 2).contiguous()
+    th_g: Optional[Tensor] = None
+    th_t: Optional[Tensor] = None
     half_tr: Optional[Tensor] = None
     if theta is not None:
         th = _pad(theta, flat, num).view(n_struct, n_max, 3, 3)
-        theta_p = th
+        th_g = th.reshape(n_struct, n_max, 9)
+        th_t = th.permute(0, 2, 3, 1).contiguous()  # [B, 3, 3, n_max]
         half_tr = 0.5 * (th[:, :, 0, 0] + th[:, :, 1, 1] + th[:, :, 2, 2])
 
     slots = torch.arange(n_max, device=device)
@@ -190,10 +197,10 @@ def open_site_fields(
         # lower triangle of the block (j ≤ i, masked) stays small
         c = min(m, max(1, chunk_size // max(1, n_struct * m)), max(32, m // 8))
         i1 = i0 + c
-        R = pos_p[:, i0:i1, None, :] - pos_p[:, None, i0:, :]  # [B, c, m, 3], r_i − r_j
+        R = pos_t[:, :, i0:i1, None] - pos_t[:, :, None, i0:]  # [B, 3, c, m], r_i − r_j
         mask = valid[:, i0:i1, None] & valid[:, None, i0:]
         mask = mask & (slots[i0:i1, None] < slots[None, i0:]).unsqueeze(0)  # j > i
-        r2 = (R * R).sum(dim=-1)
+        r2 = (R * R).sum(dim=1)
         overlap = (r2 == 0.0) & mask
         if bool(overlap.any()):
             bad = torch.nonzero(overlap)[0]
@@ -206,27 +213,35 @@ def open_site_fields(
         r = torch.sqrt(r2.reshape(-1).index_select(0, pair_idx))
         Bv = radial_derivatives(r, sigma, 0.0, order).t()  # [k, P_valid], contiguous
         Bt = torch.zeros(order + 1, mask.numel(), dtype=dtype, device=device)
-        Bt = Bt.index_copy(1, pair_idx, Bv)
-        Bl = Bt.reshape(order + 1, n_struct, c, m).unbind(0)
-        mu_c: Optional[Tensor] = None
-        mu_r: Optional[Tensor] = None
-        if mu_p is not None:
-            mu_c = mu_p[:, i0:]
-            mu_r = mu_p[:, i0:i1]
-        th_c: Optional[Tensor] = None
-        th_r: Optional[Tensor] = None
-        ht_c: Optional[Tensor] = None
-        ht_r: Optional[Tensor] = None
-        if theta_p is not None and half_tr is not None:
-            th_c = theta_p[:, i0:]
-            th_r = theta_p[:, i0:i1]
-            ht_c = half_tr[:, i0:]
-            ht_r = half_tr[:, i0:i1]
-        # rows receive from columns
-        phi_r, field_r, grad_r = _receive(Bl, R, q_p[:, i0:], mu_c, th_c, ht_c, need_gradient, 2)
-        # columns receive from rows, with the column-minus-row vector −R
-        phi_c, field_c, grad_c = _receive(Bl, -R, q_p[:, i0:i1], mu_r, th_r, ht_r,
-                                          need_gradient, 1)
+        Bl = Bt.index_copy(1, pair_idx, Bv).view(order + 1, n_struct, c, m).unbind(0)
+        # rows receive from the columns
+        mu_e: Optional[Tensor] = None
+        mu_s: Optional[Tensor] = None
+        th_e: Optional[Tensor] = None
+        th_s: Optional[Tensor] = None
+        ht_e: Optional[Tensor] = None
+        if mu_t is not None and mu_g is not None:
+            mu_e = mu_t[:, :, None, i0:]
+            mu_s = mu_g[:, i0:]
+        if th_t is not None and th_g is not None and half_tr is not None:
+            th_e = th_t[:, :, :, None, i0:]
+            th_s = th_g[:, i0:]
+            ht_e = half_tr[:, None, i0:]
+        phi_r, field_r, grad_r = _receive(Bl, R, q_p[:, None, i0:], mu_e, mu_s, th_e, th_s, ht_e,
+                                          need_gradient)
+        # columns receive from the rows: the same computation on the transposed block (made
+        # contiguous, so that the sums over sources stay reductions over the last dimension)
+        Bl_t = [b.transpose(1, 2).contiguous() for b in Bl]
+        R_t = -R.transpose(2, 3).contiguous()  # [B, 3, m, c], column minus row
+        if mu_t is not None and mu_g is not None:
+            mu_e = mu_t[:, :, None, i0:i1]
+            mu_s = mu_g[:, i0:i1]
+        if th_t is not None and th_g is not None and half_tr is not None:
+            th_e = th_t[:, :, :, None, i0:i1]
+            th_s = th_g[:, i0:i1]
+            ht_e = half_tr[:, None, i0:i1]
+        phi_c, field_c, grad_c = _receive(Bl_t, R_t, q_p[:, None, i0:i1], mu_e, mu_s, th_e, th_s,
+                                          ht_e, need_gradient)
         parts_r = [phi_r.unsqueeze(-1), field_r]
         parts_c = [phi_c.unsqueeze(-1), field_c]
         if grad_r is not None and grad_c is not None:

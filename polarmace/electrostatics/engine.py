@@ -118,23 +118,42 @@ class Electrostatics(torch.nn.Module):
         self.coulomb = COULOMB  # attribute: TorchScript cannot read module-level floats
         # Gaussian exponent of the full kernel (∞ for point multipoles, stored as 0 = "none").
         self.a = 1.0 / (math.sqrt(2.0) * sigma) if sigma > 0 else 0.0
-        if kspace == "les":
+        if splitting is not None and sigma > 0 and splitting > self.a:
+            raise ValueError(f"Electrostatics: splitting β={splitting} must be <= 1/(√2σ)={self.a:.6f}")
+        self.splitting = float(splitting) if splitting is not None else 0.0
+        # settings for charges only; _split() adapts them to the highest multipole of a call
+        self.beta, self.kmax, self.needs_real_space = self._split(0)
+        self.taper_width = 1.1
+
+    def _split(self, order: int) -> Tuple[float, float, bool]:
+        """(β, kmax, needs_real_space) for sources up to multipole `order` (0 q, 1 μ, 2 Θ).
+
+        The truncated terms behave like x^order·e^(−x) (x = k²/4β² in k-space, β²r² in real
+        space): higher multipoles carry extra powers of k or r, so x solves
+        x − order·ln x = ln(1/accuracy) and the relative error stays at `accuracy`.
+        """
+        x = -math.log(self.accuracy)
+        target = x
+        for _ in range(50):
+            x = target + order * math.log(max(x, 1.0))
+        if self.kspace == "les":
             beta = self.a
-        elif splitting is not None:
-            beta = float(splitting)
-            if sigma > 0 and beta > self.a:
-                raise ValueError(f"Electrostatics: splitting β={beta} must be <= 1/(√2σ)={self.a:.6f}")
-        elif sigma > 0:
+        elif self.splitting > 0:
+            beta = self.splitting
+        elif self.sigma > 0:
             beta = self.a
         else:
-            beta = math.sqrt(-math.log(accuracy)) / real_space_cutoff
-        self.beta = beta
-        self.needs_real_space = sigma == 0.0 or beta < self.a * (1.0 - 1e-12)
-        if self.needs_real_space and splitting is not None:
-            # real-space cutoff where erfc(β r) has decayed to the accuracy
-            self.real_space_cutoff = math.sqrt(-math.log(accuracy)) / beta
-        self.kmax = 2.0 * beta * math.sqrt(-math.log(accuracy))
-        self.taper_width = 1.1
+            beta = math.sqrt(x) / self.real_space_cutoff
+        needs_real_space = self.sigma == 0.0 or beta < self.a * (1.0 - 1e-12)
+        return beta, 2.0 * beta * math.sqrt(x), needs_real_space
+
+    def _real_space_cutoff(self, beta: float, order: int) -> float:
+        """Cut-off (Å) where the erfc(βr)-type real-space terms fall below the accuracy."""
+        x = -math.log(self.accuracy)
+        target = x
+        for _ in range(50):
+            x = target + order * math.log(max(x, 1.0))
+        return math.sqrt(x) / beta
 
     def extra_repr(self) -> str:
         return (f"sigma={self.sigma}, method={self.method!r}, accuracy={self.accuracy}, "
@@ -259,7 +278,8 @@ class Electrostatics(torch.nn.Module):
             raise ValueError("Electrostatics: method='direct' handles open structures only; "
                              "this batch has periodic or slab structures")
         num_structures = cell.shape[0]
-        beta = self.beta
+        order = 2 if theta is not None else (1 if mu is not None else 0)
+        beta, kmax, needs_real_space = self._split(order)
         if self._use_pme(batch, num_structures):
             mesh = pme.choose_mesh(cell, beta, self.accuracy, self.pme_order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
@@ -272,14 +292,15 @@ class Electrostatics(torch.nn.Module):
             else:
                 # the converged set is tapered smoothly to zero between kmax and 1.1 kmax, so
                 # k-vectors that enter or leave under strain cause no jump (SPEC §2)
-                kend = self.kmax * self.taper_width
+                kend = kmax * self.taper_width
                 kvecs, kmask = ewald.converged_kvectors(cell, kend)
                 phi, field, gradient = ewald.reciprocal_site_fields(
                     positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient,
-                    0, self.kmax, kend)
+                    0, kmax, kend)
         phi, field, gradient = self._subtract_self(phi, field, gradient, q, mu, theta, beta)
-        if self.needs_real_space:
-            edge_index, shifts = _neighbour_list(positions, cell, pbc, batch, self.real_space_cutoff)
+        if needs_real_space:
+            cutoff = self._real_space_cutoff(beta, order)
+            edge_index, shifts = _neighbour_list(positions, cell, pbc, batch, cutoff)
             p, f, g = direct.real_space_site_fields(positions, cell, batch, edge_index, shifts, q,
                                                     mu, theta, self.sigma, beta, need_gradient)
             phi = phi + p
@@ -287,7 +308,7 @@ class Electrostatics(torch.nn.Module):
             if gradient is not None and g is not None:
                 gradient = gradient + g
         volume = torch.linalg.det(cell).abs()
-        phi = phi + self._background_potential(q, batch, volume, num_structures)
+        phi = phi + self._background_potential(q, batch, volume, num_structures, beta)
         slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
         if bool(slab.any()):
             p, f = slab_correction_fields(positions, cell, batch, q, mu, slab, self.coulomb)
@@ -313,10 +334,10 @@ class Electrostatics(torch.nn.Module):
         return phi, field, gradient
 
     def _background_potential(self, q: torch.Tensor, batch: torch.Tensor, volume: torch.Tensor,
-                              num_structures: int) -> torch.Tensor:
+                              num_structures: int, beta: float) -> torch.Tensor:
         """Potential [N] of the neutralising background through the short-range kernel part."""
         inv_a2 = 1.0 / (self.a * self.a) if self.a > 0 else 0.0
-        short_range_integral = math.pi * (1.0 / (self.beta * self.beta) - inv_a2)
+        short_range_integral = math.pi * (1.0 / (beta * beta) - inv_a2)
         if short_range_integral == 0.0:
             return torch.zeros_like(q)
         total = segment_sum(q, batch, num_structures)

@@ -88,12 +88,13 @@ def _binomial(n: int, k: int) -> int:
 
 
 def _bspline_table(w: Tensor, order: int, nderiv: int) -> Tensor:
-    """Cardinal B-spline values and derivatives on the stencil.
+    """Cardinal B-spline values and derivatives on the stencil (plain tensor arithmetic).
 
     Args:
         w: fractional part of the mesh coordinate, any shape S, values in [0, 1).
         order: spline order n (M_n is a polynomial of degree n−1 on each unit interval).
-        nderiv: highest derivative wanted (≤ order − 1).
+        nderiv: highest derivative wanted; derivatives of order ≥ n vanish (almost everywhere)
+            and are returned as zeros.
 
     Returns:
         Tensor of shape S + [nderiv+1, order] with [..., d, j] = M_n^{(d)}(w + j), i.e. the
@@ -111,13 +112,12 @@ def _bspline_table(w: Tensor, order: int, nderiv: int) -> Tensor:
         inv = 1.0 / float(p - 1)
         new: List[Tensor] = []
         for j in range(p):
-            x = w + float(j)
             if j == 0:
-                val = x * arr[0]
+                val = w * arr[0]
             elif j == p - 1:
-                val = (float(p) - x) * arr[j - 1]
+                val = (float(p - j) - w) * arr[j - 1]
             else:
-                val = x * arr[j] + (float(p) - x) * arr[j - 1]
+                val = (w + float(j)) * arr[j] + (float(p - j) - w) * arr[j - 1]
             new.append(val * inv)
         arr = new
         if p >= order - nderiv:
@@ -126,6 +126,10 @@ def _bspline_table(w: Tensor, order: int, nderiv: int) -> Tensor:
     zero = torch.zeros_like(w)
     out: List[Tensor] = []
     for d in range(nderiv + 1):
+        if d >= order:
+            for j in range(order):
+                out.append(zero)
+            continue
         base = tables[len(tables) - 1 - d]
         for j in range(order):
             acc = zero
@@ -146,6 +150,29 @@ def _bspline_table(w: Tensor, order: int, nderiv: int) -> Tensor:
             out.append(acc)
     shape = list(w.shape) + [nderiv + 1, order]
     return torch.stack(out, dim=-1).view(shape)
+
+
+def _splines(w: Tensor, order: int, nderiv: int) -> Tensor:
+    """Spline tables [..., nderiv+1, order] that autograd differentiates w.r.t. w.
+
+    The tables are evaluated without autograd (cheap), and re-attached to w through the exact
+    identity d/dw M^{(d)} = M^{(d+1)} with a Taylor polynomial in δ = w − w.detach() (which is
+    exactly 0): T(w) = Σ_{m≤3} M^{(d+m)}(w0) δ^m/m!. Values and derivatives w.r.t. positions,
+    cell and everything upstream are exact through third order (forces, stress, force-trained
+    losses, Hessians); fourth and higher w-derivatives of the tables are zero. This replaces a
+    graph of hundreds of small operations by a handful.
+    """
+    dim = nderiv + 1
+    taylor = 3  # w-derivatives of the tables carried exactly to this order
+    w0 = w.detach()  # tables of a detached input carry no autograd graph
+    if not w.requires_grad:
+        return _bspline_table(w0, order, nderiv)
+    full = _bspline_table(w0, order, nderiv + taylor)
+    delta = (w - w.detach()).unsqueeze(-1).unsqueeze(-1)
+    out = full[..., taylor:taylor + dim, :]
+    for m in range(taylor, 0, -1):
+        out = full[..., m - 1:m - 1 + dim, :] + (delta * (1.0 / float(m))) * out
+    return out
 
 
 def bspline_moduli(size: int, order: int, dtype: torch.dtype = torch.float64,
@@ -259,7 +286,7 @@ def _stencil(positions: Tensor, batch: Tensor, cell: Tensor, mesh: List[int], or
     u = sfrac * kvec
     base = torch.floor(u).detach()
     w = (u - base).t().contiguous()  # [3, N]
-    table = _bspline_table(w, order, nderiv)  # [3, N, D, order]
+    table = _splines(w, order, nderiv)  # [3, N, D, order]
 
     j = torch.arange(order, device=device)
     ib = base.to(torch.long)  # [N,3]
@@ -397,19 +424,28 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     grid = _spread(coef, table, idx, nb * k1 * k2 * k3)
     infl = influence_function(cell, beta, [k1, k2, k3], order)
     pot = _convolve(grid, infl, [k1, k2, k3])
-    r = _gather(pot, table, idx, dgather)
+    r = _gather(pot, table, idx, dgather)  # [N, D, D, D] (sorted sites)
     back = _inverse_permutation(perm)
-    phi = r[:, 0, 0, 0].index_select(0, back)
-    du = torch.stack([r[:, 1, 0, 0], r[:, 0, 1, 0], r[:, 0, 0, 1]], dim=1)  # ∂φ/∂u_c
-    field = -torch.bmm(tmat, du.unsqueeze(-1)).squeeze(-1).index_select(0, back)
+    dim = dgather + 1
+    # one gather of the needed entries (cheap backward) instead of many r[:, a, b, c] selects
+    if need_gradient:
+        flat = [0, dim * dim, dim, 1,  # φ, ∂1, ∂2, ∂3
+                2 * dim * dim, 2 * dim, 2, dim * dim + dim, dim * dim + 1, dim + 1]  # 11 22 33 12 13 23
+    else:
+        flat = [0, dim * dim, dim, 1]
+    sel = r.reshape(r.shape[0], dim * dim * dim).index_select(
+        1, torch.tensor(flat, dtype=torch.long, device=r.device))
+    sel = sel.index_select(0, back)  # original site order
+    tmat_o = tmat.index_select(0, back)
+    phi = sel[:, 0]
+    field = -torch.bmm(tmat_o, sel[:, 1:4].unsqueeze(-1)).squeeze(-1)  # E = −T ∂_uφ
     grad: Optional[Tensor] = None
     if need_gradient:
-        h = torch.stack([
-            torch.stack([r[:, 2, 0, 0], r[:, 1, 1, 0], r[:, 1, 0, 1]], dim=1),
-            torch.stack([r[:, 1, 1, 0], r[:, 0, 2, 0], r[:, 0, 1, 1]], dim=1),
-            torch.stack([r[:, 1, 0, 1], r[:, 0, 1, 1], r[:, 0, 0, 2]], dim=1),
-        ], dim=1)  # ∂²φ/∂u_c∂u_d
-        grad = -(tmat @ h @ tmat.transpose(1, 2)).index_select(0, back)
+        hh = sel[:, 4:10]
+        h = torch.stack([hh[:, 0], hh[:, 3], hh[:, 4],
+                         hh[:, 3], hh[:, 1], hh[:, 5],
+                         hh[:, 4], hh[:, 5], hh[:, 2]], dim=1).view(-1, 3, 3)  # ∂²φ/∂u_c∂u_d
+        grad = -(tmat_o @ h @ tmat_o.transpose(1, 2))
     return phi, field, grad
 
 

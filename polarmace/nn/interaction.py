@@ -230,13 +230,13 @@ class Interaction(nn.Module):
         cg_list = []
         for (i, l2, l3, _) in paths:
             l1 = self.irreps_in[i][0]
-            w = o3.wigner_3j(l1, l2, l3).to(torch.float64) * math.sqrt(2 * l3 + 1)
+            w = o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * math.sqrt(2 * l3 + 1)
             cg_list.append(w.permute(1, 0, 2).reshape(2 * l2 + 1, -1))
         width = max(t.shape[1] for t in cg_list)
         cg = torch.zeros(len(paths), 2 * max_ell + 1, width, dtype=torch.float64)
         for k, t in enumerate(cg_list):
             cg[k, : t.shape[0], : t.shape[1]] = t
-        self.register_buffer("cg", cg.to(torch.get_default_dtype()))
+        self.register_buffer("cg", cg)  # float64; cast to the input dtype at run time
         self.radial = RadialMLP(list(radial_sizes) + [self.num_paths * c])
         mid = [(p[2], p[3]) for p in paths]
         self.linear = ChannelLinear(mid, target_irreps(max_ell), c, c)
@@ -261,7 +261,7 @@ class Interaction(nn.Module):
             l2 = self.path_l2[k]
             r = torch.matmul(h, w.narrow(1, k * c, c))  # [S, C]
             a = r[:, None, :] * xj[self.path_input[k]]  # [S, d1, C]
-            cgk = self.cg[k].narrow(0, 0, 2 * l2 + 1).narrow(1, 0, d1 * d3)
+            cgk = self.cg[k].narrow(0, 0, 2 * l2 + 1).narrow(1, 0, d1 * d3).to(sh.dtype)
             m = torch.matmul(sh.narrow(1, l2 * l2, 2 * l2 + 1), cgk)  # [S, d1*d3]
             m = m.view(nchunks, chunk * d1, d3)
             out = torch.bmm(m.transpose(1, 2), a.view(nchunks, chunk * d1, c))  # [chunks, d3, C]

@@ -14,15 +14,16 @@ full tensor space. The number of basis functions equals the multiplicity of L in
 against the character formula in the tests); the unreduced generalized CG basis (MACE) carries
 about three times more weights at ν = 3 for the same function space.
 
-Evaluation ("Horner" form, channel-wise, no ν-fold outer products): with a' = (1, A_c) ∈ R^{d+1},
-every monomial of degree ≤ ν is m'(s) · a'_k with m' a monomial of degree ν−1 in a' and k its
-largest variable, so
+Evaluation (channel-wise, no ν-fold outer products): with a' = (1, A_c) ∈ R^{d+1}, every monomial
+of degree ≤ ν is m'_{s'}(a') · a'_k with m' a monomial of degree ν−1 in a' and k its largest
+variable, so
 
-    B_c = Σ_{s'} m'_{s'}(a') · G_c[s'],     G_c[s', M] = Σ_k a'_k · V_z[c, k, s', M]
+    B_c[M] = Σ_k a'_k · H_c[k, M],     H_c[k, M] = Σ_{s'} m'_{s'}(a') · V_z[c, s', k, M]
 
-G is one batched matmul per element (nodes are sorted by element), V_z = U · W_z is assembled
-from the reduced basis and the weights. For ν = 3, max_ell = 3: 153 values of s' instead of
-the 816 symmetric (4096 full) triple products.
+H is one batched GEMM per element (nodes are sorted by element); V_z = U · W_z is assembled from
+the reduced basis and the weights at every call (cheap). For ν = 3, max_ell = 3: 153 prefix
+monomials m' instead of the 816 symmetric (4096 full) triple products, and the only per-node
+intermediates are m' [C, N, 153] and H [C, N, 17·Σ(2L+1)].
 
 Coefficients are stored as polynomial coefficients on monomials in colexicographic order.
 """
@@ -65,9 +66,10 @@ def natural_irreps(max_ell: int) -> o3.Irreps:
 
 
 def _reduce(coeffs: torch.Tensor, weights: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
-    """Orthonormal basis (rows) of the span of `coeffs` [K, S, D] in ⟨c, c'⟩ = Σ c c' / mult(s).
+    """Orthonormal basis (rows) of the span of `coeffs` [K, S, D] in ⟨c, c'⟩ = Σ c c' / mult(s) / D.
 
-    Returns [K', S, D] polynomial coefficients whose symmetric tensors are orthonormal.
+    Returns [K', S, D] polynomial coefficients whose symmetric tensors T are orthonormal in the
+    component normalisation Σ_{i…, M} T T' / (2L+1) (so that the degree-1 identity is normalised).
     """
     k, s, d = coeffs.shape
     if k == 0:
@@ -94,7 +96,7 @@ def _reduce(coeffs: torch.Tensor, weights: torch.Tensor, tol: float = 1e-9) -> t
     idx = (flat.abs() > 1e-6).float().argmax(dim=1)
     sign = torch.sign(flat[torch.arange(rank), idx])
     basis = basis * sign[:, None, None]
-    return basis / scale
+    return basis / scale * math.sqrt(d)
 
 
 class SymmetricBasis:
@@ -138,7 +140,7 @@ class SymmetricBasis:
                 for l2, p2, off in blocks:
                     for l3 in range(abs(l1 - l2), min(l1 + l2, lcap) + 1):
                         p3 = p1 * p2
-                        cg = o3.wigner_3j(l1, l2, l3).to(torch.float64)  # [2l1+1, 2l2+1, 2l3+1]
+                        cg = o3.wigner_3j(l1, l2, l3, dtype=torch.float64)  # [2l1+1, 2l2+1, 2l3+1]
                         # coupled[k, s', m2, M] = Σ_m1 q[k, s', m1] cg[m1, m2, M]
                         coupled = torch.einsum("ksa,abm->ksbm", q, cg)
                         k = q.shape[0]
@@ -187,7 +189,7 @@ def full_coupling_basis(max_ell: int, nu: int, l: int, p: int) -> torch.Tensor:
             for t in ts:
                 for l2, p2, off in blocks:
                     for l3 in range(abs(l1 - l2), l1 + l2 + 1):
-                        cg = o3.wigner_3j(l1, l2, l3).to(torch.float64)
+                        cg = o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
                         e = torch.zeros(dim, 2 * l2 + 1, dtype=torch.float64)
                         e[off:off + 2 * l2 + 1] = torch.eye(2 * l2 + 1, dtype=torch.float64)
                         u = torch.einsum("...a,vb,abm->...vm", t, e, cg)
@@ -263,7 +265,7 @@ class SymmetricContraction(nn.Module):
                 pres_t = torch.tensor(pres)
                 nz = coeff.nonzero()  # [nnz, 3] (k, s, m)
                 kk, ss, mm = nz[:, 0], nz[:, 1], nz[:, 2]
-                rows.append((lasts_t[ss] * out_dim + m_off + mm) * len(prefixes) + pres_t[ss])
+                rows.append((pres_t[ss] * nvar + lasts_t[ss]) * out_dim + m_off + mm)
                 cols.append(ktot + kk)
                 vals.append(coeff[kk, ss, mm])
                 block_slices.append((ktot, ktot + k, k))
@@ -284,41 +286,45 @@ class SymmetricContraction(nn.Module):
             w[:, start:stop] = torch.randn(num_elements, k, num_channels) / k
         self.weight = nn.Parameter(w)
         # gather indices for the prefix monomials of degree correlation-1 in a'
-        cols_idx = torch.zeros(max(correlation - 1, 1), len(prefixes), dtype=torch.long)
+        # as 0/1 selection matrices [ν-1, S', nvar]: gathers done as GEMMs (the backward of
+        # index_select on CPU goes through a slow scatter)
+        sel = torch.zeros(max(correlation - 1, 1), len(prefixes), nvar)
         for i, m in enumerate(prefixes):
             for j, v in enumerate(m):
-                cols_idx[j, i] = v
-        self.register_buffer("prefix_vars", cols_idx)
+                sel[j, i, v] = 1.0
+        self.register_buffer("prefix_select", sel)
         self.nvar = nvar
 
     def coupling_tensor(self, element: int) -> torch.Tensor:
-        """V_e = (U · W_e)ᵀ as a contiguous [C, nvar, M·S'] (output component major)."""
+        """V_e = (U · W_e)ᵀ as a contiguous [C, S', nvar·M] (prefix-major)."""
         v = torch.matmul(self.weight[element].t(), self.coupling.to(self.weight.dtype).t())  # [C, nrows]
-        return v.view(self.num_channels, self.nvar, self.out_dim * self.num_prefix)
+        return v.view(self.num_channels, self.num_prefix, self.nvar * self.out_dim)
 
     def forward(self, a: torch.Tensor, counts: List[int]) -> torch.Tensor:
         c, n, _ = a.shape
-        ap = torch.cat([torch.ones(c, n, 1, dtype=a.dtype, device=a.device), a], dim=2)  # [C,N,nvar]
+        # a' = (1, A) with the variable axis first: gathers along dim 0 are plain row copies
+        at = torch.cat([torch.ones(1, c, n, dtype=a.dtype, device=a.device), a.permute(2, 0, 1)], dim=0)
         if self.correlation == 1:
-            prefix = torch.ones(c, n, 1, dtype=a.dtype, device=a.device)
+            prefix = torch.ones(1, c, n, dtype=a.dtype, device=a.device)
         else:
-            prefix = ap.index_select(2, self.prefix_vars[0])
+            flat = at.reshape(self.nvar, c * n)
+            prefix = torch.matmul(self.prefix_select[0], flat)
             for j in range(1, self.correlation - 1):
-                prefix = prefix * ap.index_select(2, self.prefix_vars[j])
-        g_parts: List[torch.Tensor] = []
+                prefix = prefix * torch.matmul(self.prefix_select[j], flat)
+            prefix = prefix.view(-1, c, n)
+        prefix = prefix.permute(1, 2, 0)  # [C, N, S']
+        # H[c, n, k, M] = Σ_s' m'_s'(a'_c) V_z[c, s', k, M]: one batched GEMM per element
+        parts: List[torch.Tensor] = []
         start = 0
         for e, cnt in enumerate(counts):
             if cnt == 0:
                 continue
-            v = self.coupling_tensor(e)  # [C, nvar, S'*M]
-            g_parts.append(torch.bmm(ap.narrow(1, start, cnt), v))
+            parts.append(torch.bmm(prefix.narrow(1, start, cnt), self.coupling_tensor(e)))
             start += cnt
-        if len(g_parts) == 1:
-            g = g_parts[0]
-        else:
-            g = torch.cat(g_parts, dim=1)  # [C, N, S'*M]
-        g = g.view(c, n, self.out_dim, self.num_prefix)
-        return (g * prefix[:, :, None, :]).sum(3)
+        hk = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [C, N, nvar*M]
+        hk = hk.view(c, n, self.nvar, self.out_dim)
+        ap = at.permute(1, 2, 0)  # [C, N, nvar]
+        return (hk * ap[:, :, :, None]).sum(2)
 
 
 def reference_contraction(a: torch.Tensor, element: torch.Tensor, sc: SymmetricContraction) -> torch.Tensor:

@@ -36,11 +36,11 @@ class BesselBasis(nn.Module):
         super().__init__()
         self.r_max = float(r_max)
         self.num_basis = int(num_basis)
-        self.register_buffer("freqs", torch.arange(1, num_basis + 1, dtype=torch.get_default_dtype()) * math.pi / r_max)
+        self.register_buffer("freqs", torch.arange(1, num_basis + 1, dtype=torch.float64) * math.pi / r_max)
         self.prefactor = math.sqrt(2.0 / r_max)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # r [E, 1] -> [E, num_basis]
-        return self.prefactor * torch.sin(r * self.freqs) / r
+        return self.prefactor * torch.sin(r * self.freqs.to(r.dtype)) / r
 
 
 class PolynomialCutoff(nn.Module):

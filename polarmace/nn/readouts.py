@@ -55,6 +55,23 @@ class NonLinearReadout(nn.Module):
 class EquivariantReadout(nn.Module):
     """Node features (e3nn flat layout, `irreps_in`) -> `irreps_out` (flat layout) × `scale`."""
 
+    in_mul: List[int]
+    in_l: List[int]
+    in_start: List[int]
+    lin_src: List[List[int]]
+    lin_off: List[int]
+    lin_fan: List[int]
+    out_mul: List[int]
+    out_l: List[int]
+    type_l: List[int]
+    type_blocks: List[List[int]]
+    type_fan: List[int]
+    need_types: List[int]
+    quad_a: List[List[int]]
+    quad_b: List[List[int]]
+    quad_cg: List[List[int]]
+    is_scalar: List[int]
+
     def __init__(self, irreps_in, irreps_out, scale: float = 1.0, hidden: int = 16, bias: bool = False):
         super().__init__()
         irreps_in = o3.Irreps(irreps_in)
@@ -97,7 +114,7 @@ class EquivariantReadout(nn.Module):
                         (la, pa), (lb, pb) = in_types[ta], in_types[tb]
                         if pa * pb == key[1] and abs(la - lb) <= key[0] <= la + lb:
                             pairs.append((ta, tb, len(cgs)))
-                            cgs.append(o3.wigner_3j(la, lb, key[0]) * math.sqrt(2 * key[0] + 1))
+                            cgs.append(o3.wigner_3j(la, lb, key[0], dtype=torch.float64) * math.sqrt(2 * key[0] + 1))
                             for t in (ta, tb):
                                 if t not in need_types:
                                     need_types.append(t)
@@ -122,7 +139,7 @@ class EquivariantReadout(nn.Module):
         self.quad_cg = [[p[2] for p in pairs] for pairs in quad_pairs]
         maxd = max([c.shape[0] for c in cgs] + [1])
         maxo = max([c.shape[2] for c in cgs] + [1])
-        cg_buf = torch.zeros(max(len(cgs), 1), maxd, maxd, maxo)
+        cg_buf = torch.zeros(max(len(cgs), 1), maxd, maxd, maxo, dtype=torch.float64)
         for k, c in enumerate(cgs):
             cg_buf[k, : c.shape[0], : c.shape[1], : c.shape[2]] = c
         self.register_buffer("cg", cg_buf)
@@ -173,7 +190,7 @@ class EquivariantReadout(nn.Module):
                 for j in range(len(self.quad_a[k])):
                     a = hl[self.quad_a[k][j]]
                     b = hr[self.quad_b[k][j]]
-                    cg = self.cg[self.quad_cg[k][j]].narrow(0, 0, a.shape[2]).narrow(1, 0, b.shape[2]).narrow(2, 0, d)
+                    cg = self.cg[self.quad_cg[k][j]].narrow(0, 0, a.shape[2]).narrow(1, 0, b.shape[2]).narrow(2, 0, d).to(a.dtype)
                     terms.append(torch.einsum("nua,nub,abm->num", a, b, cg))
                 q = terms[0] if len(terms) == 1 else torch.cat(terms, dim=1)
                 y = torch.einsum("nud,uv->nvd", q, qw) * (1.0 / math.sqrt(qw.shape[0]))
