@@ -12,7 +12,9 @@ count in, unlike tracemalloc) belongs to that case alone. Timings: median of --r
 
 The optional mace-torch comparison runs the same script under another interpreter that has
 mace-torch installed (it needs e3nn 0.4.x, hence a separate environment) and builds a MACE model
-with the same hyper-parameters (mace.modules.ScaleShiftMACE with RealAgnosticResidualInteractionBlock).
+with the same hyper-parameters, as `mace_run_train --model MACE` builds it (ScaleShiftMACE, first block
+RealAgnosticInteractionBlock, then RealAgnosticResidualInteractionBlock, unreduced coupling basis
+use_reduced_cg=False — the command-line default).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def _case_polarmace(args) -> dict:
 
 
 def _case_mace(args) -> dict:
+    import inspect
+
     import numpy as np
     import torch
     from e3nn import o3
@@ -99,11 +103,12 @@ def _case_mace(args) -> dict:
     model = modules.ScaleShiftMACE(
         r_max=args.r_max, num_bessel=8, num_polynomial_cutoff=5, max_ell=args.max_ell,
         interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-        interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
         num_interactions=args.num_interactions, num_elements=len(zs), hidden_irreps=o3.Irreps(args.hidden_irreps),
         MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(zs)), avg_num_neighbors=avg,
         atomic_numbers=zs, correlation=args.correlation, gate=torch.nn.functional.silu,
         radial_MLP=[64, 64, 64], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+        **({"use_reduced_cg": False} if "use_reduced_cg" in inspect.signature(modules.MACE.__init__).parameters else {}),
     ).to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)

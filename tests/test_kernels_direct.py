@@ -226,7 +226,6 @@ def test_two_site_energies_by_hand():
     q1, q2 = 0.8, -1.3
     qs = torch.tensor([q1, q2], dtype=DT)
     zero_mu = torch.zeros(2, 3, dtype=DT)
-    zero_th = torch.zeros(2, 3, 3, dtype=DT)
     # q–q, smeared and point
     for sigma in (0.0, 0.6, 1.0):
         e = two_site_energy(R, qs, None, None, sigma, False).sum()
@@ -256,7 +255,6 @@ def test_two_site_energies_by_hand():
     p, _, _ = probe_fields(torch.tensor([0, 0, 5.0], dtype=DT), torch.zeros(1, 3, dtype=DT),
                            torch.zeros(1, dtype=DT), None, theta_lin[None], 0.0)
     assert torch.allclose(p, torch.tensor(COULOMB * 2.0 / 125.0, dtype=DT), rtol=1e-14)
-    del zero_th
 
 
 def cluster_moments(offsets, charges):
@@ -595,14 +593,12 @@ def test_real_space_periodic_equals_image_loop():
 def test_real_space_zero_length_edge_raises():
     pos = torch.tensor([[0.0, 0, 0], [0.0, 0, 0]], dtype=DT)
     cell = 10.0 * torch.eye(3, dtype=DT)[None]
-    pbc = torch.ones(1, 3, dtype=torch.bool)
     batch = torch.zeros(2, dtype=torch.long)
     edge_index = torch.tensor([[0, 1], [1, 0]])
     shifts = torch.zeros(2, 3, dtype=DT)
     with pytest.raises(ValueError, match="positions"):
         real_space_site_fields(pos, cell, batch, edge_index, shifts, torch.ones(2, dtype=DT), None,
                                None, 1.0, 0.3, False)
-    del pbc
 
 
 # ----------------------------------------------------------------------------- TorchScript
@@ -649,21 +645,32 @@ def test_torchscript():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_open_2000_atoms_quadrupoles_time_and_memory(dtype):
-    """2,000 atoms with q, μ, Θ (σ = 1): energy + forces by autograd, < 10 s and < 4 GB."""
+    """2,000 atoms with q, μ, Θ (σ = 1): energy + forces by autograd, < 10 s and < 4 GB.
+
+    Timed on one thread with process CPU time: on a shared 2-core machine the wall time of a
+    2-thread run depends mostly on what else runs (OpenMP threads wait for each other); the
+    single-thread CPU time is the stable measure of the work and bounds the idle 2-thread wall
+    time. Both are printed (run with -s).
+    """
     gen = torch.Generator().manual_seed(13)
     n = 2000
     pos = random_cluster(n, gen, spacing=2.15, dtype=dtype).requires_grad_(True)  # ~0.1 atoms/Å³
     q, mu, theta = multipoles(n, gen, dtype)
     batch = torch.zeros(n, dtype=torch.long)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    wall, cpu = time.perf_counter(), time.process_time()
-    phi, field, grad = open_site_fields(pos, batch, q, mu, theta, 1.0, True)
-    energy = site_energy(q, mu, theta, phi, field, grad).sum()
-    (forces,) = torch.autograd.grad(-energy, pos)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        wall, cpu = time.perf_counter(), time.process_time()
+        phi, field, grad = open_site_fields(pos, batch, q, mu, theta, 1.0, True)
+        energy = site_energy(q, mu, theta, phi, field, grad).sum()
+        (forces,) = torch.autograd.grad(-energy, pos)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        torch.set_num_threads(threads)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(f"\n2000 atoms q+mu+theta {dtype}: wall {wall:.2f} s, cpu {cpu:.2f} s, "
+    print(f"\n2000 atoms q+mu+theta {dtype}, 1 thread: cpu {cpu:.2f} s, wall {wall:.2f} s, "
           f"peak RSS {peak_mb:.0f} MB (before {before / 1024.0:.0f} MB)")
     assert torch.isfinite(forces).all()
     assert peak_mb < 4096
-    assert wall < 10.0
+    assert cpu < 10.0

@@ -124,10 +124,11 @@ def test_matches_exact_ksum(cellname, kinds):
     u_sites = 0.5 * (qt * phi - (mt * field).sum(1) - 0.5 * (tt * grad).sum((1, 2))).sum()
     assert abs(u_sites.item() - energy.item()) <= 1e-10 * abs(energy.item())
 
+    # default max_rank=2 (mesh fine enough for quadrupoles): observed φ, E, U ≲ 3e-7 and
+    # G ≲ 2e-6 (G is one derivative rougher than E)
     assert rel_rms(phi.numpy(), phi0) < 1e-5
     assert rel_rms(field.numpy(), e0) < 1e-5
-    # the field gradient is one derivative rougher than the field (see module docstring)
-    assert rel_rms(grad.numpy(), g0) < 1e-4
+    assert rel_rms(grad.numpy(), g0) < 1e-5
     assert abs(energy.item() - u0) < 1e-5 * abs(u0)
 
 
@@ -388,6 +389,14 @@ def test_torchscript():
     for a, c in zip(out, ref):
         torch.testing.assert_close(a, c)
     torch.testing.assert_close(scripted_energy(*args), pme_energy(*args))
+    # forces through the scripted function
+    forces = []
+    for f in (pme_site_fields, scripted):
+        p = t64(pos).requires_grad_()
+        phi, field, _ = f(p, *args[1:], need_gradient=False)
+        u = 0.5 * ((t64(q) * phi).sum() - (t64(mu) * field).sum())
+        forces.append(torch.autograd.grad(u, p)[0])
+    torch.testing.assert_close(forces[1], forces[0])
 
 
 def test_order_checks():
@@ -419,21 +428,25 @@ def _water_density_system(n, seed=0, dtype=torch.float64):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("natoms", [12288, 98304])
-@pytest.mark.parametrize("order", [8])
+@pytest.mark.parametrize("order", [10])
 def test_timing_energy_forces(natoms, order):
+    """Energy (from φ, E, G with q, μ, Θ) + forces by autograd at water density, σ = 1 Å
+    (β = a = 1/√2, reciprocal-only), mesh from choose_mesh(accuracy=1e-6)."""
     pos, cell, q, mu, th = _water_density_system(natoms)
     mesh = choose_mesh(cell, BETA, 1e-6, order)
     batch = torch.zeros(natoms, dtype=torch.long)
     pos.requires_grad_()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     phi, field, grad = pme_site_fields(pos, batch, cell, q, mu, th, BETA, mesh, order, True)
     u = 0.5 * ((q * phi).sum() - (mu * field).sum() - 0.5 * (th * grad).sum())
     t1 = time.perf_counter()
     (f,) = torch.autograd.grad(-u, pos)
     t2 = time.perf_counter()
+    cpu = time.process_time() - c0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
     print(f"\nPME N={natoms} order={order} mesh={mesh} threads={torch.get_num_threads()} "
-          f"cpus={os.cpu_count()}: fields+energy {t1 - t0:.2f} s, forces {t2 - t1:.2f} s, "
-          f"total {t2 - t0:.2f} s, peak RSS {rss:.0f} MiB")
+          f"load={os.getloadavg()[0]:.1f}: fields+energy {t1 - t0:.2f} s, forces {t2 - t1:.2f} s, "
+          f"total {t2 - t0:.2f} s (cpu {cpu:.2f} s), peak RSS {rss:.0f} MiB")
     assert torch.isfinite(f).all()
     assert t2 - t0 < 60.0

@@ -86,7 +86,7 @@ class Electrostatics(torch.nn.Module):
     def __init__(self, sigma: float = 1.0, method: str = "auto", accuracy: float = 1e-6,
                  kspace: str = "converged", dl: float = 2.0, remove_self_interaction: bool = True,
                  splitting: Optional[float] = None, real_space_cutoff: float = 9.0,
-                 pme_order: int = 6, pme_threshold: int = 2000,
+                 pme_order: int = 8, pme_threshold: int = 100,
                  charge_conservation: Optional[bool] = None) -> None:
         super().__init__()
         if sigma < 0:
@@ -281,7 +281,7 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, needs_real_space = self._split(order)
         if self._use_pme(batch, num_structures):
-            mesh = pme.choose_mesh(cell, beta, self.accuracy, self.pme_order)
+            mesh = pme.choose_mesh(cell, beta, self.accuracy, self.pme_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
                                                        mesh, self.pme_order, need_gradient)
         else:

@@ -291,7 +291,8 @@ def reciprocal_site_fields(positions: torch.Tensor, batch: torch.Tensor, cell: t
         flat, nmax = _padded_layout(batch, num_structures)
         pos_pad = _to_padded(positions, flat, num_structures, nmax)
         moments = _to_padded(_source_moments(q, mu, theta), flat, num_structures, nmax)
-        weights = _kspace_weights(cell, kvecs, kmask, beta, EPSILON0, taper_start, taper_end)  # [B,K]
+        weights = _kspace_weights(cell, kvecs, kmask, beta, taper_start=taper_start,
+                                  taper_end=taper_end)  # [B,K]
         out_pad = torch.zeros((num_structures, nmax, num_out), dtype=positions.dtype,
                               device=positions.device)
         step = _auto_chunk(num_structures * nmax, chunk_size)

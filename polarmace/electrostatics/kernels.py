@@ -41,8 +41,10 @@ Costs and safety: every pair gets the cheap form; the pairs that need another on
 by index and overwritten (index_copy), and every branch is evaluated at a "safe" radius where
 its result is not used, so no branch produces an infinity or a NaN gradient (double backward
 included). Measured accuracy against mpmath over r ∈ [0.05, 30] Å, σ ∈ {0, 0.5, 1, 2},
-β ∈ {0, 0.2, 0.5, a}: ≤ 1e-14 relative in float64, ≤ 7e-7 in float32 (apart from the
-exponentially small β tail, where float32 is limited by the conditioning 2(βr)² of e^{−β²r²}).
+β ∈ {0, 0.2, 0.5, a}: ≤ 6e-15 relative in float64 (the exponentially small β-subtracted tail
+included); in float32 ≤ 7e-7 relative for β = 0, and for β > 0 ≤ 1.2e-6 relative where B_n is
+above 1e-3 of the bare point kernel (≤ 3e-7 of the point kernel in absolute terms everywhere:
+deeper in the tail float32 is limited by the conditioning 2(βr)² of e^{−β²r²}).
 """
 
 from __future__ import annotations
@@ -283,9 +285,8 @@ def radial_derivatives(r: Tensor, sigma: float, beta: float, max_order: int) -> 
 
     Returns:
         [P, max_order+1] in eV/(e² Å^{2n+1}), dtype and device of r (a transposed view of a
-        contiguous [max_order+1, P] tensor, so that each column B[:, n] is contiguous). Relative accuracy about
-        1e-14 in float64 and 1e-6 in float32 (up to the conditioning r²|B_{n+1}/B_n| of the
-        exponentially small tail of the β-subtracted kernel).
+        contiguous [max_order+1, P] tensor, so that each column B[:, n] is contiguous).
+        Relative accuracy ~1e-14 in float64 and ~1e-6 in float32 (see the module docstring).
     """
     if max_order < 0:
         raise ValueError("radial_derivatives: max_order must be >= 0")
@@ -363,7 +364,7 @@ def pair_site_fields(
     u = torch.zeros_like(R)
     w = torch.zeros_like(R)
     if mu is not None:
-        mr = (mu * R).sum(dim=1)
+        mr = mu[:, 0] * R[:, 0] + mu[:, 1] * R[:, 1] + mu[:, 2] * R[:, 2]
         s0 = s0 + mr * b[1]
         s1 = s1 + mr * b[2]
         u = u + b[1].unsqueeze(1) * mu
@@ -372,7 +373,7 @@ def pair_site_fields(
             w = w + b[2].unsqueeze(1) * mu
     if theta is not None:
         tR = torch.bmm(theta, R.unsqueeze(2)).squeeze(2)  # ΘR [P, 3]
-        rtr = (tR * R).sum(dim=1)  # RᵀΘR
+        rtr = tR[:, 0] * R[:, 0] + tR[:, 1] * R[:, 1] + tR[:, 2] * R[:, 2]  # RᵀΘR
         tr = theta[:, 0, 0] + theta[:, 1, 1] + theta[:, 2, 2]
         h = 0.5 * rtr
         ht = 0.5 * tr

@@ -36,16 +36,20 @@ J. Chem. Phys. 103, 8577 (1995), written from the equations of that paper:
 * Gather with the same splines: φ_i = Σ_l M(u_i − l) φ_mesh(l), ∂_u φ and ∂_u∂_u φ with spline
   derivatives, then E = −T ∂_uφ, G = −T (∂_u∂_u φ) Tᵀ.
 
-Everything is plain torch: differentiable (twice and more) with respect to positions, cell and
-the multipoles; works in float32 and float64 (the dtype of `positions`); batched over structures
-that share one mesh shape. The stencil is O(N·order³) in memory. The functions are
-TorchScript-compatible (`torch.jit.script(pme_site_fields)` works).
+Everything is plain torch and TorchScript-compatible (`torch.jit.script(pme_site_fields)`):
+differentiable with respect to positions, cell (stress) and the multipoles, with position
+derivatives exact through third order (forces, stress, force-trained losses, Hessians; see
+`_splines`); float32 and float64 (the dtype of `positions`); batched over structures that share
+one mesh shape (one batched FFT). Cost and memory are O(N·order³) for the stencil plus
+O(K1K2K3·log) for the mesh; sites are sorted along the mesh internally for cache locality.
+Every cell must be non-singular (periodic structures only).
 
 Mesh choice (`choose_mesh`): the spline error at fractional frequency ξ = m_c/K_c decays like
-ξ^order, and the relevant frequencies are bounded by the Gaussian e^{−k²/4β²}; with the mesh
+a power of ξ, and the relevant frequencies are bounded by the Gaussian e^{−k²/4β²}; with the mesh
 spacing along lattice vector c defined as h_c = |a_c|/K_c (m_c = k·a_c/2π ≤ |k||a_c|/2π), the
-relative RMS error of the field is a function of (h·β) and the order only. The calibrated rule is
-documented in `choose_mesh`.
+relative RMS error of the field is a function of (h·β), the order and the source type only.
+The calibrated rule is `_ERROR_MODEL` / `mesh_spacing`. At high accuracy quadrupoles are the
+most demanding sources (they spread with second spline derivatives); use order 8–10 for them.
 """
 
 from __future__ import annotations

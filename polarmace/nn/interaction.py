@@ -119,13 +119,11 @@ class ElementLinear(nn.Module):
             if s < 0:
                 outs.append(xs[0].new_zeros(n, self.dims_out[k], self.c_out))
                 continue
-            x = xs[s]
             parts: List[torch.Tensor] = []
-            start = 0
-            for e, cnt in enumerate(counts):
-                if cnt > 0:
-                    parts.append(torch.matmul(x.narrow(0, start, cnt), self.weight[e, k]))
-                start += cnt
+            groups = torch.split(xs[s], counts, dim=0)
+            for e in range(len(counts)):
+                if counts[e] > 0:
+                    parts.append(torch.matmul(groups[e], self.weight[e, k]))
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             outs.append(out * self.scale)
         return outs

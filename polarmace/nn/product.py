@@ -308,19 +308,19 @@ class SymmetricContraction(nn.Module):
             prefix = torch.ones(1, c, n, dtype=a.dtype, device=a.device)
         else:
             flat = at.reshape(self.nvar, c * n)
-            prefix = torch.matmul(self.prefix_select[0], flat)
+            select = self.prefix_select.to(a.dtype)
+            prefix = torch.matmul(select[0], flat)
             for j in range(1, self.correlation - 1):
-                prefix = prefix * torch.matmul(self.prefix_select[j], flat)
+                prefix = prefix * torch.matmul(select[j], flat)
             prefix = prefix.view(-1, c, n)
         prefix = prefix.permute(1, 2, 0)  # [C, N, S']
         # H[c, n, k, M] = Σ_s' m'_s'(a'_c) V_z[c, s', k, M]: one batched GEMM per element
+        # (split, not narrow: the backward of split is one cat, narrow's zero-fills the whole tensor)
         parts: List[torch.Tensor] = []
-        start = 0
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            parts.append(torch.bmm(prefix.narrow(1, start, cnt), self.coupling_tensor(e)))
-            start += cnt
+        groups = torch.split(prefix, counts, dim=1)
+        for e in range(len(counts)):
+            if counts[e] > 0:
+                parts.append(torch.bmm(groups[e], self.coupling_tensor(e)))
         hk = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [C, N, nvar*M]
         hk = hk.view(c, n, self.nvar, self.out_dim)
         ap = at.permute(1, 2, 0)  # [C, N, nvar]

@@ -16,7 +16,6 @@ Usage: charges "1x0e" (scale 0.1), dipoles "1x1o" (0.1), quadrupoles "1x2e" (0.1
 α "1x0e" or "1x0e+1x2e" (0.01). Positivity (κ, α) is the caller's business.
 """
 
-from __future__ import annotations
 
 import math
 from typing import List, Tuple

@@ -59,10 +59,8 @@ class ProductBlock(nn.Module):
         b = self.contraction(xc, counts)  # [C, N, out_dim]
         b = b.permute(1, 2, 0)  # [N, out_dim, C]
         outs: List[torch.Tensor] = []
-        start = 0
-        for d in self.dims:
-            outs.append(b.narrow(1, start, d))
-            start += d
+        for x in torch.split(b, self.dims, dim=1):
+            outs.append(x)
         return self.linear(outs)
 
 
