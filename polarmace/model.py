@@ -252,7 +252,7 @@ class PolarMACE(torch.nn.Module):
         torch.save({"format_version": FORMAT_VERSION, "config": self.config,
                     "state_dict": self.state_dict(),
                     "dtype": str(self.atomic_energies.dtype).replace("torch.", ""),
-                    "versions": {"polarmace": polarmace.__version__, "torch": torch.__version__,
+                    "versions": {"polarmace": polarmace.__version__, "torch": str(torch.__version__),
                                  "e3nn": e3nn.__version__}}, path)
 
     @classmethod

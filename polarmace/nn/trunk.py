@@ -16,7 +16,11 @@ passing is local). Outputs, in the atom order of the input:
   E0 and without scale/shift (the model adds those).
 
 The trunk does not differentiate: forces/stress come from the caller's single autograd call
-through `vectors`. Scriptable with torch.jit.script; float32 and float64 (convert with .to()).
+through `vectors` (twice differentiable: force terms in a loss backpropagate to the weights).
+Scriptable with torch.jit.script; float32 and float64: convert the module with .to(dtype) /
+.double() / .float(). Precomputed constants (Clebsch–Gordan, coupling basis, Bessel frequencies)
+are built in float64 and cast to the input dtype at run time, so a trunk built under a float32
+default dtype is still exact after .double() (but .float() followed by .double() rounds them).
 
 Structure (per layer t):  h⁰ = embedding(z)
   A^t = Interaction(h^{t−1})            (layer 1: FirstInteraction, no self-connection)
