@@ -2,9 +2,16 @@
 tiling (1,536 atoms), MACE default settings (128x0e+128x1o, max_ell 3, ν = 3, 2 layers, r_max 5).
 
 Every case runs in a fresh subprocess so that peak memory (ru_maxrss, which torch's own allocations
-count in, unlike tracemalloc) belongs to that case alone. Timings: median of --repeats calls after
---warmup calls; wall time and process CPU time (user + system, all threads). Parameters are frozen
-(requires_grad False) as in an MD calculator; forces are −∂E/∂r through the edge vectors.
+count in, unlike tracemalloc) belongs to that case alone; 'base MiB' is the resident size after
+imports and model/graph construction, so peak − base is the working memory of energy + forces. Timings: median of --repeats calls after
+--warmup calls; wall time and process CPU time (user + system, all threads; system time is mostly
+page faults of fresh allocations). Parameters are frozen (requires_grad False) as in an MD
+calculator; forces are −∂E/∂r through the edge vectors.
+
+On a shared, loaded machine wall times swing by 10× between runs: compare CPU times, measured in
+the same invocation (the implementations alternate case by case), with --threads 1 for the least
+noise. OMP_WAIT_POLICY=PASSIVE is set for the cases by default: spinning OpenMP threads that wait
+for a descheduled sibling burn seconds of CPU on such a machine.
 
     python benchmarks/trunk_speed.py                         # 192 and 1536 atoms, float64 and float32
     python benchmarks/trunk_speed.py --sizes 1 --dtypes float64 --repeats 5
@@ -127,24 +134,44 @@ def _case_mace(args) -> dict:
     return _time(step, args, len(atoms), edge_index.shape[1])
 
 
+def _malloc_tune() -> None:
+    """glibc: no mmap for large blocks and no trimming, so freed memory is reused without page faults."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2.0 ** 20
+
+
 def _time(step, args, n_atoms, n_edges) -> dict:
     import resource
 
+    base = _rss_mib()  # after imports, model and graph construction
     for _ in range(args.warmup):
         step()
-    walls, cpus = [], []
+    walls, users, syss, faults = [], [], [], []
     for _ in range(args.repeats):
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         step()
         walls.append(time.perf_counter() - t0)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpus.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+        users.append(r1.ru_utime - r0.ru_utime)
+        syss.append(r1.ru_stime - r0.ru_stime)
+        faults.append(r1.ru_minflt - r0.ru_minflt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB -> MiB (Linux)
     with open("/proc/loadavg") as fh:
         load = float(fh.read().split()[0])
+    cpus = [u + s for u, s in zip(users, syss)]
     return {"atoms": n_atoms, "edges": n_edges, "wall_s": statistics.median(walls), "wall_min_s": min(walls),
-            "cpu_s": statistics.median(cpus), "peak_mib": peak, "loadavg": load}
+            "cpu_s": statistics.median(cpus), "cpu_min_s": min(cpus), "user_s": statistics.median(users),
+            "sys_s": statistics.median(syss), "minor_faults": int(statistics.median(faults)),
+            "peak_mib": peak, "base_mib": base, "loadavg": load, "threads": args.threads}
 
 
 def _run_case(python: str, impl: str, args, tiling: int, dtype: str) -> dict:
@@ -152,10 +179,13 @@ def _run_case(python: str, impl: str, args, tiling: int, dtype: str) -> dict:
            "--xyz", args.xyz, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--hidden-irreps", args.hidden_irreps, "--max-ell", str(args.max_ell),
            "--correlation", str(args.correlation), "--num-interactions", str(args.num_interactions),
-           "--r-max", str(args.r_max), "--edge-chunk", str(args.edge_chunk)] + (["--script"] if args.script else [])
+           "--r-max", str(args.r_max), "--edge-chunk", str(args.edge_chunk)] + (["--script"] if args.script else []) \
+        + (["--malloc-tune"] if args.malloc_tune else [])
     env = dict(os.environ)
     root = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if impl == "mace":
         # e3nn 0.4.x (needed by mace-torch) loads its own constants with torch.load, which newer torch
         # refuses by default (weights_only); the file ships with the package
@@ -181,6 +211,10 @@ def main(argv=None) -> None:
     ap.add_argument("--r-max", type=float, default=5.0)
     ap.add_argument("--edge-chunk", type=int, default=16)
     ap.add_argument("--script", action="store_true", help="time the TorchScript-compiled trunk")
+    ap.add_argument("--malloc-tune", action="store_true",
+                    help="glibc mallopt: keep freed memory (no page faults after warm-up), both implementations")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for the cases (PASSIVE: no spinning threads on a shared, loaded machine)")
     ap.add_argument("--mace-python", default=None, help="interpreter with mace-torch installed (optional)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
@@ -190,6 +224,8 @@ def main(argv=None) -> None:
 
     if args._case:
         args.tiling, args.dtype = args._tiling, args._dtype
+        if args.malloc_tune:
+            _malloc_tune()
         result = _case_polarmace(args) if args._case == "polarmace" else _case_mace(args)
         print(json.dumps(result))
         return
@@ -216,14 +252,15 @@ _HEADER = False
 def _print_row(r: dict) -> None:
     global _HEADER
     if not _HEADER:
-        print(f"{'impl':<11} {'dtype':<8} {'atoms':>6} {'edges':>7} {'wall s':>8} {'min s':>8} {'cpu s':>8} "
-              f"{'peak MiB':>9} {'load':>5}")
+        print(f"{'impl':<11} {'dtype':<8} {'atoms':>6} {'edges':>7} {'thr':>3} {'wall s':>8} {'min s':>8} {'cpu s':>8} "
+              f"{'cpu min':>8} {'user s':>8} {'sys s':>7} {'minflt':>8} {'peak MiB':>9} {'base MiB':>9} {'load':>5}")
         _HEADER = True
     if "error" in r:
         print(f"{r['impl']:<11} {r['dtype']:<8} tiling {r['tiling']}: ERROR {r['error']}")
         return
-    print(f"{r['impl']:<11} {r['dtype']:<8} {r['atoms']:>6} {r['edges']:>7} {r['wall_s']:>8.3f} {r['wall_min_s']:>8.3f} "
-          f"{r['cpu_s']:>8.3f} {r['peak_mib']:>9.0f} {r['loadavg']:>5.1f}", flush=True)
+    print(f"{r['impl']:<11} {r['dtype']:<8} {r['atoms']:>6} {r['edges']:>7} {r['threads']:>3} {r['wall_s']:>8.3f} "
+          f"{r['wall_min_s']:>8.3f} {r['cpu_s']:>8.3f} {r['cpu_min_s']:>8.3f} {r['user_s']:>8.3f} {r['sys_s']:>7.3f} "
+          f"{r['minor_faults']:>8d} {r['peak_mib']:>9.0f} {r.get('base_mib', 0.0):>9.0f} {r['loadavg']:>5.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from e3nn import o3
 
 from polarmace.nn.embedding import ElementMapping
-from polarmace.nn.interaction import FirstInteraction, Interaction, tp_paths
+from polarmace.nn.interaction import FirstInteraction, Interaction, _PathMessage, _path_message_plain, tp_paths
 from polarmace.nn.product import (SymmetricBasis, SymmetricContraction, full_coupling_basis, natural_irreps,
                                   reference_contraction)
 from polarmace.nn.radial import PolynomialCutoff, RadialEmbedding
@@ -214,6 +214,12 @@ def test_torchscript_matches_eager(trunk):
     assert float((f1 - f2).abs().max()) < 1e-6 and float((e1 - e2).abs().max()) < 1e-6
     with pytest.raises(Exception, match="Fe"):
         scripted(torch.tensor([1, 26]), torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3, dtype=DT))
+    # forces: eager (recomputing autograd function) and scripted (plain ops) agree
+    v1 = vec.clone().requires_grad_(True)
+    v2 = vec.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(trunk(z, ei, v1)[1].sum(), v1)
+    (g2,) = torch.autograd.grad(scripted(z, ei, v2)[1].sum(), v2)
+    assert float((g1 - g2).abs().max()) < 1e-10
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,6 +444,22 @@ def test_interaction_matches_e3nn_tensor_product(trunk, chunk):
     a_ref = block.linear(_from_flat(msg, mid))
     for x, y in zip(a, a_ref):
         assert _rel(x, y) < 1e-12
+
+
+@pytest.mark.parametrize("d1,d3", [(1, 5), (3, 7)])
+def test_path_message_recompute_gradients(d1, d3):
+    g = torch.Generator().manual_seed(d1)
+    nch, chunk, nh, c = 3, 2, 4, 5
+    s = nch * chunk
+    h = torch.randn(s, nh, generator=g, dtype=DT, requires_grad=True)
+    w = torch.randn(nh, c, generator=g, dtype=DT, requires_grad=True)
+    xj = torch.randn(s, d1, c, generator=g, dtype=DT, requires_grad=True)
+    m = torch.randn(s, d1 * d3, generator=g, dtype=DT, requires_grad=True)
+    inputs = (h, w, xj, m)
+    assert torch.allclose(_PathMessage.apply(h, w, xj, m, nch, chunk), _path_message_plain(h, w, xj, m, nch, chunk))
+    fn = lambda *t: _PathMessage.apply(*t, nch, chunk)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 def test_first_interaction_matches_e3nn_tensor_product(trunk):

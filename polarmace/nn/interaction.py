@@ -20,7 +20,8 @@ o3.TensorProduct in tests/test_nn.py):
   (padded with dummy edges beyond r_max whose radial weights are exactly zero); the sum over the
   edges of a chunk and over m1 is one batched GEMM  out[chunk] = M_pathᵀ · (R_path ⊙ x_j), with
   M_path[e] = Σ_m2 CG[m1, m2, m3] Y_m2(r̂_e) channel-independent. No [E, C, Σ(2l3+1)] tensor is
-  ever formed.
+  ever formed, and in eager mode the per-path [E, d1, C] products are recomputed in the backward
+  rather than kept (custom autograd function, double-differentiable; TorchScript uses plain ops).
 """
 
 from __future__ import annotations
@@ -150,6 +151,79 @@ def tp_paths(irreps_in: List[IrrepKey], max_ell: int) -> List[Tuple[int, int, in
     return paths
 
 
+def _path_message_plain(h: torch.Tensor, w: torch.Tensor, xj: torch.Tensor, m: torch.Tensor,
+                        nchunks: int, chunk: int) -> torch.Tensor:
+    """out[k] = M[k]ᵀ · ((h @ w) ⊙ x_j) summed over the slots of chunk k: [chunks, d3, C].
+
+    h [S, H] radial hidden features, w [H, C] last-layer weights of this path, xj [S, d1, C]
+    sender features, m [S, d1·d3] the Y-contracted Clebsch–Gordan matrices of this path.
+    """
+    d1 = xj.shape[1]
+    c = xj.shape[2]
+    d3 = m.shape[1] // d1
+    r = torch.matmul(h, w)  # [S, C]
+    a = r[:, None, :] * xj  # [S, d1, C]
+    mt = m.view(nchunks, chunk * d1, d3).transpose(1, 2)
+    return torch.bmm(mt, a.view(nchunks, chunk * d1, c))
+
+
+class _PathMessage(torch.autograd.Function):
+    """Same map as _path_message_plain, but keeps only the (shared) inputs for the backward and
+    recomputes the per-edge, per-channel products there: the saved memory of an interaction drops
+    from Σ_paths (1 + d1)·S·C to the inputs. The backward is written with differentiable ops, so
+    double backward (force terms in a training loss) works."""
+
+    @staticmethod
+    def forward(ctx, h, w, xj, m, nchunks: int, chunk: int):  # type: ignore[override]
+        ctx.save_for_backward(h, w, xj, m)
+        ctx.nchunks = nchunks
+        ctx.chunk = chunk
+        with torch.no_grad():
+            return _path_message_plain(h, w, xj, m, nchunks, chunk)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        h, w, xj, m = ctx.saved_tensors
+        nchunks, chunk = ctx.nchunks, ctx.chunk
+        d1 = xj.shape[1]
+        c = xj.shape[2]
+        d3 = m.shape[1] // d1
+        r = torch.matmul(h, w)
+        grad_h = grad_w = grad_xj = grad_m = None
+        mv = m.view(nchunks, chunk * d1, d3)
+        if ctx.needs_input_grad[3]:
+            a = (r[:, None, :] * xj).view(nchunks, chunk * d1, c)
+            grad_m = torch.bmm(a, grad_out.transpose(1, 2)).reshape(m.shape)  # [chunks, K·d1, d3]
+        grad_a = torch.bmm(mv, grad_out).view(xj.shape)  # [S, d1, C]
+        if ctx.needs_input_grad[2]:
+            grad_xj = grad_a * r[:, None, :]
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_r = (grad_a * xj).sum(1)  # [S, C]
+            if ctx.needs_input_grad[0]:
+                grad_h = torch.matmul(grad_r, w.t())
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.matmul(h.t(), grad_r)
+        return grad_h, grad_w, grad_xj, grad_m, None, None
+
+
+@torch.jit.unused
+def _path_message_recompute(h: torch.Tensor, w: torch.Tensor, xj: torch.Tensor, m: torch.Tensor,
+                            nchunks: int, chunk: int) -> torch.Tensor:
+    return _PathMessage.apply(h, w, xj, m, nchunks, chunk)
+
+
+def path_message(h: torch.Tensor, w: torch.Tensor, xj: torch.Tensor, m: torch.Tensor, nchunks: int,
+                 chunk: int, recompute: bool = True) -> torch.Tensor:
+    """Chunked channel-wise tensor-product message of one path (see _path_message_plain).
+
+    In eager mode with `recompute`, a custom autograd function that saves only its inputs (less
+    memory, identical values and derivatives); under TorchScript the plain ops.
+    """
+    if recompute and not torch.jit.is_scripting():
+        return _path_message_recompute(h, w, xj, m, nchunks, chunk)
+    return _path_message_plain(h, w, xj, m, nchunks, chunk)
+
+
 class FirstInteraction(nn.Module):
     """Layer-1 interaction for element-only node features (MACE's non-residual first block).
 
@@ -239,6 +313,8 @@ class Interaction(nn.Module):
         mid = [(p[2], p[3]) for p in paths]
         self.linear = ChannelLinear(mid, target_irreps(max_ell), c, c)
         self.skip = ElementLinear(self.irreps_in, list(irreps_sc), c, c, num_elements)
+        # eager mode: recompute the per-edge products in the backward instead of keeping them
+        self.recompute = True
 
     def forward(self, xs: List[torch.Tensor], sh: torch.Tensor, radial: torch.Tensor,
                 sender: torch.Tensor, chunk_node: torch.Tensor, chunk: int, num_nodes: int,
@@ -257,12 +333,10 @@ class Interaction(nn.Module):
             d1 = self.path_d1[k]
             d3 = self.path_d3[k]
             l2 = self.path_l2[k]
-            r = torch.matmul(h, w.narrow(1, k * c, c))  # [S, C]
-            a = r[:, None, :] * xj[self.path_input[k]]  # [S, d1, C]
             cgk = self.cg[k].narrow(0, 0, 2 * l2 + 1).narrow(1, 0, d1 * d3).to(sh.dtype)
             m = torch.matmul(sh.narrow(1, l2 * l2, 2 * l2 + 1), cgk)  # [S, d1*d3]
-            m = m.view(nchunks, chunk * d1, d3)
-            out = torch.bmm(m.transpose(1, 2), a.view(nchunks, chunk * d1, c))  # [chunks, d3, C]
+            out = path_message(h, w.narrow(1, k * c, c), xj[self.path_input[k]], m, nchunks, chunk,
+                               self.recompute)  # [chunks, d3, C]
             node = torch.zeros(num_nodes, d3, c, dtype=out.dtype, device=out.device)
             mids.append(node.index_add(0, chunk_node, out))
         return self.linear(mids), sc

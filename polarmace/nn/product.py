@@ -306,6 +306,13 @@ class SymmetricContraction(nn.Module):
         at = torch.cat([torch.ones(1, c, n, dtype=a.dtype, device=a.device), a.permute(2, 0, 1)], dim=0)
         if self.correlation == 1:
             prefix = torch.ones(1, c, n, dtype=a.dtype, device=a.device)
+        elif self.correlation == 3:
+            # degree-2 monomials in colex order: for each k, a'_0..k · a'_k (products of views of
+            # a': nothing but the result is kept for the backward)
+            rows: List[torch.Tensor] = []
+            for k in range(self.nvar):
+                rows.append(at[: k + 1] * at[k: k + 1])
+            prefix = torch.cat(rows, dim=0)
         else:
             flat = at.reshape(self.nvar, c * n)
             select = self.prefix_select.to(a.dtype)
