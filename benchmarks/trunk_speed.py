@@ -73,7 +73,8 @@ def _case_polarmace(args) -> dict:
     avg = edge_index.shape[1] / len(atoms)
     trunk = MACETrunk(sorted(set(atoms.numbers.tolist())), r_max=args.r_max, hidden_irreps=args.hidden_irreps,
                       max_ell=args.max_ell, correlation=args.correlation, num_interactions=args.num_interactions,
-                      avg_num_neighbors=avg, edge_chunk=args.edge_chunk).to(dtype)
+                      avg_num_neighbors=avg, edge_chunk=args.edge_chunk,
+                      low_memory=not args.keep_edge_products).to(dtype)
     for p in trunk.parameters():
         p.requires_grad_(False)
     if args.script:
@@ -180,7 +181,8 @@ def _run_case(python: str, impl: str, args, tiling: int, dtype: str) -> dict:
            "--threads", str(args.threads), "--hidden-irreps", args.hidden_irreps, "--max-ell", str(args.max_ell),
            "--correlation", str(args.correlation), "--num-interactions", str(args.num_interactions),
            "--r-max", str(args.r_max), "--edge-chunk", str(args.edge_chunk)] + (["--script"] if args.script else []) \
-        + (["--malloc-tune"] if args.malloc_tune else [])
+        + (["--malloc-tune"] if args.malloc_tune else []) \
+        + (["--keep-edge-products"] if args.keep_edge_products else [])
     env = dict(os.environ)
     root = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -211,6 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--r-max", type=float, default=5.0)
     ap.add_argument("--edge-chunk", type=int, default=16)
     ap.add_argument("--script", action="store_true", help="time the TorchScript-compiled trunk")
+    ap.add_argument("--keep-edge-products", action="store_true",
+                    help="MACETrunk(low_memory=False): keep per-edge products for the backward (faster, more memory)")
     ap.add_argument("--malloc-tune", action="store_true",
                     help="glibc mallopt: keep freed memory (no page faults after warm-up), both implementations")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",

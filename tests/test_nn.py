@@ -378,6 +378,18 @@ def test_contraction_module_matches_reference_with_elements():
     assert sc.num_weights == 29
 
 
+@pytest.mark.parametrize("correlation", [1, 2, 4])
+def test_contraction_other_correlations(correlation):
+    sc = SymmetricContraction(2, correlation, o3.Irreps("0e+1o+2e"), num_elements=2, num_channels=3).to(DT)
+    g = torch.Generator().manual_seed(correlation)
+    a = torch.randn(3, 5, 9, generator=g, dtype=DT)
+    element = torch.tensor([0, 0, 1, 1, 1])
+    assert _rel(sc(a, [2, 3]), reference_contraction(a, element, sc)) < 1e-12
+    rot = -o3.rand_matrix(dtype=DT)
+    d_in, d_out = _wigner(natural_irreps(2), rot), _wigner("0e+1o+2e", rot)
+    assert _rel(sc(a @ d_in.T, [2, 3]), sc(a, [2, 3]) @ d_out.T) < 1e-10
+
+
 # ------------------------------------------------------------------------------------------------
 # hand-written tensor products against e3nn
 # ------------------------------------------------------------------------------------------------

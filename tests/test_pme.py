@@ -196,7 +196,8 @@ def test_choose_mesh_batch_and_monotone():
 # ------------------------------------------------------------------------------------------------
 def _batch(systems, dtype=torch.float64):
     pos = torch.cat([t64(s[0]) for s in systems]).to(dtype)
-    batch = torch.cat([torch.full((len(s[0]),), i, dtype=torch.long) for i, s in enumerate(systems)])
+    batch = torch.cat([torch.full((len(s[0]),), i, dtype=torch.long)
+                       for i, s in enumerate(systems)])
     q = torch.cat([t64(s[1]) for s in systems]).to(dtype)
     mu = torch.cat([t64(s[2]) for s in systems]).to(dtype)
     th = torch.cat([t64(s[3]) for s in systems]).to(dtype)
@@ -416,6 +417,10 @@ def test_torchscript():
         u = 0.5 * ((t64(q) * phi).sum() - (t64(mu) * field).sum())
         forces.append(torch.autograd.grad(u, p)[0])
     torch.testing.assert_close(forces[1], forces[0])
+    scripted_mesh = torch.jit.script(choose_mesh)
+    cells = torch.stack([t64(CELLS["left"]), t64(CELLS["triclinic"]) * 2])
+    for rank in (0, 1, 2):
+        assert scripted_mesh(cells, BETA, 1e-6, 8, rank) == choose_mesh(cells, BETA, 1e-6, 8, rank)
 
 
 def test_order_checks():

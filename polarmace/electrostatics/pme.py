@@ -254,15 +254,15 @@ def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -
 # Spreading / convolution / gathering
 # --------------------------------------------------------------------------------------------
 def _stencil(positions: Tensor, batch: Tensor, cell: Tensor, mesh: List[int], order: int,
-             nderiv: int, chunk_size: int = 0) -> Tuple[Tensor, Tensor, List[Tensor], Tensor]:
+             nderiv: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sites sorted along the mesh, their spline tables, mesh indices and chain-rule matrices.
 
     Returns:
         perm [N]: sites in mesh-block order (cache locality of the scatter/gather; per-site
             inputs and outputs are permuted with it),
         table [3, N, nderiv+1, order] (sorted sites): M^{(d)}(w_c + j) along each lattice axis c,
-        idx: chunks of [n, order, order, order] (sorted sites, consecutive): flat batched mesh
-            index of every stencil point (int32 when the batched mesh allows it),
+        idx [N, order, order, order] (sorted sites): flat batched mesh index of every stencil
+            point (int32 when the batched mesh allows it),
         tmat [N, 3, 3] (sorted sites): T_ac = K_c (cell⁻¹)_ac, so ∂/∂r_a = Σ_c T_ac ∂/∂u_c.
     """
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
@@ -298,19 +298,10 @@ def _stencil(positions: Tensor, batch: Tensor, cell: Tensor, mesh: List[int], or
     l2 = torch.remainder(ib[:, 1:2] - j, k2)
     l3 = torch.remainder(ib[:, 2:3] - j, k3)
     off = bat * (k1 * k2 * k3)
-    # int32 indices halve the traffic of the largest tensors
+    # one full-size [N,o,o,o] allocation (broadcast left to right); int32 halves its traffic
     idx_dtype = torch.int32 if cell.shape[0] * k1 * k2 * k3 < 2 ** 31 - 1 else torch.int64
-    row = (off.view(-1, 1, 1) + l1.view(-1, order, 1) * (k2 * k3)
-           + l2.view(-1, 1, order) * k3).to(idx_dtype)  # [N,o,o]
-    col = l3.to(idx_dtype)  # [N,o]
-    # Stencil-sized work is done in chunks of sites (≈ 2M stencil entries, 16 MB in float64):
-    # the temporaries then stay cache- and allocator-friendly (large fresh allocations cost
-    # page faults that dominate the run time otherwise); peak memory is unchanged.
-    chunk = chunk_size if chunk_size > 0 else max(1, (1 << 21) // (order * order * order))
-    idx: List[Tensor] = []
-    for start in range(0, row.shape[0], chunk):
-        stop = min(start + chunk, row.shape[0])
-        idx.append(row[start:stop].unsqueeze(-1) + col[start:stop].view(-1, 1, 1, order))
+    idx = ((off.view(-1, 1, 1, 1) + l1.view(-1, order, 1, 1) * (k2 * k3)).to(idx_dtype)
+           + (l2.view(-1, 1, order, 1) * k3).to(idx_dtype)) + l3.view(-1, 1, 1, order).to(idx_dtype)
     tmat = inv_n * kvec  # T_ac = K_c inv_ac
     return perm, table, idx, tmat
 
@@ -339,24 +330,31 @@ def _spread_coefficients(q: Tensor, mu: Optional[Tensor], theta: Optional[Tensor
     return torch.stack(entries, dim=1).view(n, dim, dim, dim)
 
 
-def _spread(coef: Tensor, table: Tensor, idx: List[Tensor], nmesh_total: int) -> Tensor:
+def _spread(coef: Tensor, table: Tensor, idx: Tensor, nmesh_total: int, chunk_size: int) -> Tensor:
     """Q on the flat batched mesh [B·K1K2K3]:
-    W[n,i,j,k] = Σ_abc C[n,a,b,c] M1^{(a)}_i M2^{(b)}_j M3^{(c)}_k, scattered at idx."""
+    W[n,i,j,k] = Σ_abc C[n,a,b,c] M1^{(a)}_i M2^{(b)}_j M3^{(c)}_k, scattered at idx.
+
+    Done in chunks of sites (default ≈ 2M stencil entries, 16 MB in float64) accumulated in
+    place: the stencil-sized temporaries (W and, in the backward pass, its gradient) then stay
+    cache- and allocator-friendly; large fresh allocations cost page faults that otherwise
+    dominate. torch.split keeps the backward of the chunking a single concatenation."""
+    n_all = idx.shape[0]
+    o = idx.shape[1]
     dim = coef.shape[1]
+    chunk = chunk_size if chunk_size > 0 else max(1, (1 << 21) // (o * o * o))
     grid = torch.zeros(nmesh_total, dtype=coef.dtype, device=coef.device)
-    start = 0
-    for ic in idx:
-        n = ic.shape[0]
-        o = ic.shape[1]
-        stop = start + n
-        t1 = table[0, start:stop, :dim]  # [n,D,o]
-        t2 = table[1, start:stop, :dim]
-        t3 = table[2, start:stop, :dim]
-        w = torch.bmm(coef[start:stop].reshape(n, dim * dim, dim), t3)  # [n,(a b),k]
-        w = torch.matmul(t2.transpose(1, 2).unsqueeze(1), w.view(n, dim, dim, o))  # [n,a,j,k]
-        w = torch.bmm(t1.transpose(1, 2), w.reshape(n, dim, o * o))  # [n,i,(j k)]
-        grid.index_add_(0, ic.reshape(-1), w.reshape(-1))
-        start = stop
+    tabs = torch.split(table[:, :, :dim], chunk, dim=1)
+    coefs = torch.split(coef, chunk, dim=0)
+    idxs = torch.split(idx, chunk, dim=0)
+    for c in range(len(idxs)):
+        tab = tabs[c]
+        n = idxs[c].shape[0]
+        w = torch.bmm(coefs[c].reshape(n, dim * dim, dim), tab[2])  # [n,(a b),k]
+        w = torch.matmul(tab[1].transpose(1, 2).unsqueeze(1), w.view(n, dim, dim, o))  # [n,a,j,k]
+        w = torch.bmm(tab[0].transpose(1, 2), w.reshape(n, dim, o * o))  # [n,i,(j k)]
+        grid.index_add_(0, idxs[c].reshape(-1), w.reshape(-1))
+    if n_all == 0:
+        grid = grid + 0.0 * coef.sum()
     return grid
 
 
@@ -369,25 +367,19 @@ def _convolve(grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
     return pot.reshape(-1)
 
 
-def _gather(pot: Tensor, table: Tensor, idx: List[Tensor], dmax: int) -> Tensor:
+def _gather(pot: Tensor, table: Tensor, idx: Tensor, dmax: int) -> Tensor:
     """R[n, a, b, c] = Σ_ijk M1^{(a)}_i M2^{(b)}_j M3^{(c)}_k φ_mesh(idx[n,i,j,k])."""
+    n = idx.shape[0]
+    o = idx.shape[1]
     dim = dmax + 1
-    out: List[Tensor] = []
-    start = 0
-    for ic in idx:
-        n = ic.shape[0]
-        o = ic.shape[1]
-        stop = start + n
-        t1 = table[0, start:stop, :dim]  # [n,D,o]
-        t2 = table[1, start:stop, :dim]
-        t3 = table[2, start:stop, :dim]
-        p = pot.index_select(0, ic.reshape(-1)).view(n, o * o, o)  # [n,(i j),k]
-        r = torch.bmm(p, t3.transpose(1, 2))  # [n,(i j),c]
-        r = torch.matmul(t2.unsqueeze(1), r.view(n, o, o, dim))  # [n,i,b,c]
-        r = torch.bmm(t1, r.view(n, o, dim * dim))  # [n,a,(b c)]
-        out.append(r.view(n, dim, dim, dim))
-        start = stop
-    return torch.cat(out, dim=0)
+    t1 = table[0, :, :dim]  # [N,D,o]
+    t2 = table[1, :, :dim]
+    t3 = table[2, :, :dim]
+    p = pot.index_select(0, idx.reshape(-1)).view(n, o * o, o)  # [N,(i j),k]
+    r = torch.bmm(p, t3.transpose(1, 2))  # [N,(i j),c]
+    r = torch.matmul(t2.unsqueeze(1), r.view(n, o, o, dim))  # [N,i,b,c]
+    r = torch.bmm(t1, r.view(n, o, dim * dim))  # [N,a,(b c)]
+    return r.view(n, dim, dim, dim)
 
 
 def _inverse_permutation(perm: Tensor) -> Tensor:
@@ -438,7 +430,7 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
         dspread = 2
     dgather = 2 if need_gradient else 1
     perm, table, idx, tmat = _stencil(positions, batch, cell, [k1, k2, k3], order,
-                                      max(dspread, dgather), chunk_size)
+                                      max(dspread, dgather))
     mu_s: Optional[Tensor] = None
     if mu is not None:
         mu_s = mu.index_select(0, perm)
@@ -446,7 +438,7 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     if theta is not None:
         theta_s = theta.index_select(0, perm)
     coef = _spread_coefficients(q.index_select(0, perm), mu_s, theta_s, tmat, dspread)
-    grid = _spread(coef, table, idx, nb * k1 * k2 * k3)
+    grid = _spread(coef, table, idx, nb * k1 * k2 * k3, chunk_size)
     infl = influence_function(cell, beta, [k1, k2, k3], order)
     pot = _convolve(grid, infl, [k1, k2, k3])
     r = _gather(pot, table, idx, dgather)  # [N, D, D, D] (sorted sites)
@@ -454,8 +446,9 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     dim = dgather + 1
     # one gather of the needed entries (cheap backward) instead of many r[:, a, b, c] selects
     if need_gradient:
-        flat = [0, dim * dim, dim, 1,  # φ, ∂1, ∂2, ∂3
-                2 * dim * dim, 2 * dim, 2, dim * dim + dim, dim * dim + 1, dim + 1]  # 11 22 33 12 13 23
+        # φ, ∂1, ∂2, ∂3, then ∂11, ∂22, ∂33, ∂12, ∂13, ∂23
+        flat = [0, dim * dim, dim, 1,
+                2 * dim * dim, 2 * dim, 2, dim * dim + dim, dim * dim + 1, dim + 1]
     else:
         flat = [0, dim * dim, dim, 1]
     sel = r.reshape(r.shape[0], dim * dim * dim).index_select(
@@ -489,8 +482,7 @@ def pme_energy(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
         dspread = 1
     if theta is not None:
         dspread = 2
-    perm, table, idx, tmat = _stencil(positions, batch, cell, [k1, k2, k3], order, dspread,
-                                      chunk_size)
+    perm, table, idx, tmat = _stencil(positions, batch, cell, [k1, k2, k3], order, dspread)
     mu_s: Optional[Tensor] = None
     if mu is not None:
         mu_s = mu.index_select(0, perm)
@@ -498,7 +490,7 @@ def pme_energy(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     if theta is not None:
         theta_s = theta.index_select(0, perm)
     coef = _spread_coefficients(q.index_select(0, perm), mu_s, theta_s, tmat, dspread)
-    grid = _spread(coef, table, idx, nb * k1 * k2 * k3)
+    grid = _spread(coef, table, idx, nb * k1 * k2 * k3, chunk_size)
     infl = influence_function(cell, beta, [k1, k2, k3], order)
     pot = _convolve(grid, infl, [k1, k2, k3])
     return 0.5 * (grid * pot).view(nb, -1).sum(1)
@@ -510,14 +502,17 @@ def pme_energy(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
 def _fft_friendly(n: int) -> int:
     """Smallest m ≥ n whose prime factors are 2, 3, 5."""
     m = max(int(n), 1)
-    while True:
+    found = False
+    while not found:
         r = m
-        for p in (2, 3, 5):
+        for p in [2, 3, 5]:
             while r % p == 0:
-                r //= p
+                r = r // p
         if r == 1:
-            return m
-        m += 1
+            found = True
+        else:
+            m += 1
+    return m
 
 
 # Calibrated PME error model (relative RMS error of the reciprocal field E at the sites):
@@ -528,18 +523,22 @@ def _fft_friendly(n: int) -> int:
 # A raised to the 90 % quantile of the residuals (conservative). The field gradient G is one
 # derivative rougher: its relative error is ≈ 10× that of E for charge/dipole sources and
 # ≈ 2–3× for quadrupole sources. The potential is ≈ 3–10× more accurate than E.
-_ERROR_MODEL = {
-    3: ((-3.28, 1.72), None, None),
-    4: ((-3.08, 3.12), (-2.28, 3.31), None),
-    5: ((-3.48, 4.60), (-2.64, 4.27), (-1.94, 3.16)),
-    6: ((-3.52, 5.74), (-2.23, 6.03), (-2.11, 4.54)),
-    7: ((-3.21, 7.38), (-2.32, 7.02), (-1.95, 5.74)),
-    8: ((-3.07, 8.52), (-1.65, 8.77), (-1.58, 7.28)),
-    9: ((-1.90, 10.44), (-1.07, 10.00), (-1.43, 8.39)),
-    10: ((-1.47, 12.01), (-0.32, 11.79), (-0.28, 10.19)),
-    11: ((-0.14, 14.13), (1.18, 13.73), (0.85, 11.80)),
-    12: ((0.44, 15.78), (1.76, 15.44), (1.66, 13.56)),
-}
+# Rows: order 3 … 12; columns: (A, S) for charges, dipoles, quadrupoles (0, 0: not allowed).
+def _error_model(order: int, rank: int) -> Tuple[float, float]:
+    table: List[List[float]] = [
+        [-3.28, 1.72, 0.0, 0.0, 0.0, 0.0],  # 3
+        [-3.08, 3.12, -2.28, 3.31, 0.0, 0.0],  # 4
+        [-3.48, 4.60, -2.64, 4.27, -1.94, 3.16],  # 5
+        [-3.52, 5.74, -2.23, 6.03, -2.11, 4.54],  # 6
+        [-3.21, 7.38, -2.32, 7.02, -1.95, 5.74],  # 7
+        [-3.07, 8.52, -1.65, 8.77, -1.58, 7.28],  # 8
+        [-1.90, 10.44, -1.07, 10.00, -1.43, 8.39],  # 9
+        [-1.47, 12.01, -0.32, 11.79, -0.28, 10.19],  # 10
+        [-0.14, 14.13, 1.18, 13.73, 0.85, 11.80],  # 11
+        [0.44, 15.78, 1.76, 15.44, 1.66, 13.56],  # 12
+    ]
+    row = table[min(order, 12) - 3]
+    return row[2 * rank], row[2 * rank + 1]
 
 
 def mesh_spacing(beta: float, accuracy: float, order: int = 6, max_rank: int = 2) -> float:
@@ -550,20 +549,18 @@ def mesh_spacing(beta: float, accuracy: float, order: int = 6, max_rank: int = 2
     (conservative). The spacing is also capped so that the mesh Nyquist wavevector π/h
     resolves k_max = 2β√(−ln accuracy) (the Gaussian e^{−k²/4β²} is below `accuracy` beyond).
     """
-    if not 0.0 < accuracy < 1.0:
+    if not (accuracy > 0.0 and accuracy < 1.0):
         raise ValueError("accuracy must be in (0, 1)")
-    if max_rank not in (0, 1, 2):
+    if max_rank < 0 or max_rank > 2:
         raise ValueError("max_rank must be 0, 1 or 2")
-    need = 3 + max_rank if max_rank < 2 else 5
+    need = 3 + max_rank
+    if max_rank == 2:
+        need = 5
     if order < need:
-        raise ValueError("PME order " + str(order) + " too low for multipoles of rank "
-                         + str(max_rank) + " (needs >= " + str(need) + ")")
-    model = _ERROR_MODEL[min(order, 12)]
-    hb = math.inf
+        raise ValueError("PME order too low for the multipoles (3 charges, 4 dipoles, 5 quadrupoles)")
+    hb = 1e300
     for rank in range(max_rank + 1):
-        fit = model[rank]
-        assert fit is not None
-        amp, slope = fit
+        amp, slope = _error_model(order, rank)
         hb = min(hb, math.exp((math.log(accuracy) - amp) / slope))
     hb = min(hb, math.pi / (2.0 * math.sqrt(-math.log(accuracy))))
     return hb / beta
@@ -572,17 +569,22 @@ def mesh_spacing(beta: float, accuracy: float, order: int = 6, max_rank: int = 2
 def choose_mesh(cell: Tensor, beta: float, accuracy: float = 1e-6, order: int = 6,
                 max_rank: int = 2) -> Tuple[int, int, int]:
     """Smallest 2·3·5-smooth mesh (K1, K2, K3) with a relative RMS field error ≈ `accuracy`
-    for every cell of the batch [B,3,3].
+    for every cell of the batch [B,3,3] (TorchScript-compatible).
 
     Rule: K_c = smooth(max(order, ceil(max_b |a_bc| / h))) with h = mesh_spacing(beta,
     accuracy, order, max_rank): the spline error at fractional frequency m_c/K_c depends on
     k·a_c/(2π K_c) ≤ |k| h/(2π), so the spacing is measured along the lattice vectors and the
-    error is a function of h·β and the order only (calibrated table `_ERROR_MODEL`, verified
-    in tests/test_pme.py). Typical h·β at accuracy 1e-6: order 6 → 0.17 (charges), 0.15
-    (dipoles), 0.076 (quadrupoles); order 8 → 0.28 / 0.25 / 0.19; order 10 → 0.36 / 0.32 / 0.27.
+    error is a function of h·β and the order only (calibrated table `_error_model`, verified
+    in tests/test_pme.py: observed error/accuracy 0.2–1.3 for pure charges, dipoles or
+    quadrupoles, ≈ 0.1–0.3 for mixtures, whose field is not all quadrupolar).
+    Typical h·β at accuracy 1e-6: order 6 → 0.17 (charges), 0.15 (dipoles), 0.076
+    (quadrupoles); order 8 → 0.28 / 0.25 / 0.19; order 10 → 0.36 / 0.32 / 0.27.
     """
     h = mesh_spacing(beta, accuracy, order, max_rank)
-    lengths = torch.linalg.norm(cell.detach().double().reshape(-1, 3, 3), dim=-1)  # [B,3]
-    lmax = lengths.max(dim=0).values.tolist()
-    sizes = [_fft_friendly(max(int(math.ceil(lc / h - 1e-9)), order)) for lc in lmax]
+    lengths = torch.linalg.norm(cell.detach().to(torch.float64).reshape(-1, 3, 3), dim=-1)
+    lmax = lengths.max(dim=0).values  # [3]
+    sizes: List[int] = []
+    for c in range(3):
+        n = int(math.ceil(float(lmax[c].item()) / h - 1e-9))
+        sizes.append(_fft_friendly(max(n, order)))
     return sizes[0], sizes[1], sizes[2]

@@ -27,6 +27,12 @@ Structure (per layer t):  h⁰ = embedding(z)
   h^t = Linear(SymmetricContraction(A^t, z)) + ElementLinear(h^{t−1})  (no residual at t = 1)
   E_i += Readout^t(h^t scalars)
 Internally nodes are sorted by element and edges by receiver (chunks of `edge_chunk` slots).
+
+Options beyond MACE's hyper-parameters: `last_layer_scalars_only` (MACE: True; False keeps the
+hidden irreps in the last layer too, e.g. for dipole readouts that see both layers),
+`edge_chunk` (edge slots per GEMM, 16), `low_memory` (eager mode: recompute the per-edge,
+per-channel products in the backward instead of keeping them — about a third less memory for
+energy + forces at some extra CPU time; no effect under TorchScript).
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ class MACETrunk(nn.Module):
         last_layer_scalars_only: bool = True,
         readout_mlp_hidden: int = 16,
         edge_chunk: int = 16,
+        low_memory: bool = True,
     ):
         super().__init__()
         if num_interactions < 1:
@@ -136,6 +143,8 @@ class MACETrunk(nn.Module):
         for t in range(1, num_interactions):
             interactions.append(Interaction(layer_out[t - 1], layer_out[t], self.num_elements, c, max_ell,
                                             radial_sizes, avg_num_neighbors))
+        for block in interactions:
+            block.recompute = bool(low_memory)
         self.interactions = nn.ModuleList(interactions)
         products = [ProductBlock(max_ell, correlation[t], layer_out[t], self.num_elements, c)
                     for t in range(num_interactions)]

@@ -1,0 +1,50 @@
+"""polarmace-export: write a TorchScript file loadable with plain torch.jit.load.
+
+    polarmace-export model.pt -o model.ts [--dtype float32]
+
+The input dictionary of the exported module is documented in polarmace.export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polarmace-export", description=__doc__.split("\n")[0])
+    p.add_argument("model", help="model file written by model.save / polarmace-train")
+    p.add_argument("-o", "--output", default=None, help="output path (default: <model>.ts)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="convert the model before export (default: keep its dtype)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    import torch
+
+    from polarmace.export import ExportError, export_model
+    from polarmace.model import PolarMACE
+
+    try:
+        model = PolarMACE.load(args.model)
+    except ValueError as exc:
+        print(f"polarmace-export: {exc}", file=sys.stderr)
+        return 2
+    if args.dtype is not None:
+        model = model.to(getattr(torch, args.dtype))
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".ts")
+    try:
+        export_model(model, output)
+    except ExportError as exc:
+        print(f"polarmace-export: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
