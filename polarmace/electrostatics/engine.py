@@ -22,8 +22,6 @@ position operator is not periodic): apply it through Born effective charges inst
 (`observables.born_effective_charges`), which is not conservative.
 """
 
-from __future__ import annotations
-
 import math
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -77,7 +75,8 @@ class Electrostatics(torch.nn.Module):
         remove_self_interaction: if False the Gaussian self-energy of every multipole is added.
         splitting: Ewald β in 1/Å (None: β = 1/(√2σ) for σ > 0, else from real_space_cutoff).
         real_space_cutoff: Å, for point multipoles (σ = 0) or an explicit β < a.
-        pme_order: B-spline order of the particle mesh (≥ 5 with quadrupoles).
+        pme_order: B-spline order of the particle mesh (0 = automatic: 8, or 10 with
+            quadrupoles, where a lower order needs a much finer mesh for the same accuracy).
         pme_threshold: "auto" switches to PME above this many atoms in a periodic structure.
         charge_conservation: induced charges conserve the total charge; None = only where a
             total_charge is given.
@@ -86,7 +85,7 @@ class Electrostatics(torch.nn.Module):
     def __init__(self, sigma: float = 1.0, method: str = "auto", accuracy: float = 1e-6,
                  kspace: str = "converged", dl: float = 2.0, remove_self_interaction: bool = True,
                  splitting: Optional[float] = None, real_space_cutoff: float = 9.0,
-                 pme_order: int = 8, pme_threshold: int = 100,
+                 pme_order: int = 0, pme_threshold: int = 100,
                  charge_conservation: Optional[bool] = None) -> None:
         super().__init__()
         if sigma < 0:
@@ -281,9 +280,12 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, needs_real_space = self._split(order)
         if self._use_pme(batch, num_structures):
-            mesh = pme.choose_mesh(cell, beta, self.accuracy, self.pme_order, order)
+            spline_order = self.pme_order
+            if spline_order <= 0:
+                spline_order = 10 if theta is not None else 8
+            mesh = pme.choose_mesh(cell, beta, self.accuracy, spline_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
-                                                       mesh, self.pme_order, need_gradient)
+                                                       mesh, spline_order, need_gradient)
         else:
             if self.kspace == "les":
                 kvecs, kmask = ewald.les_kvectors(cell, self.dl)
