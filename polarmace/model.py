@@ -9,8 +9,6 @@ out of the trunk's node features, never supervised directly. The model is rebuil
 resolved config (stored in every saved file): no pickled modules.
 """
 
-from __future__ import annotations
-
 import copy
 import pickle
 from typing import Any, Dict, List, Mapping, Optional
@@ -219,11 +217,13 @@ class PolarMACE(torch.nn.Module):
                              kappa=kappa, alpha=alpha, batch=batch, external_field=field,
                              total_charge=total)
         charges = result.charges
-        if result.induced_charges is not None:
-            charges = charges + result.induced_charges
+        dq = result.induced_charges
+        if dq is not None:
+            charges = charges + dq
         dipoles = mu if mu is not None else positions.new_zeros(n, 3)
-        if result.induced_dipoles is not None:
-            dipoles = dipoles + result.induced_dipoles
+        dmu = result.induced_dipoles
+        if dmu is not None:
+            dipoles = dipoles + dmu
         out["charges"] = charges
         out["dipoles"] = dipoles
         if theta is not None:

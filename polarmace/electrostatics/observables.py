@@ -14,8 +14,6 @@ neighbours the minimum-image-like weight sin(2π Δs)/2π. Physical units: multi
 ε_e = ε∞/(1 + χ), χ = Σ tr(α_i)/3 / (ε0 V) (water ε∞ = 1.78, MAPbI3 4.7).
 """
 
-from __future__ import annotations
-
 import math
 from typing import List, Optional
 
@@ -106,7 +104,8 @@ def born_effective_charges(positions: torch.Tensor, cell: torch.Tensor, pbc: tor
 
 
 def electronic_screening(eps_infty: float, alpha: Optional[torch.Tensor], cell: torch.Tensor,
-                         pbc: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+                         pbc: torch.Tensor, batch: torch.Tensor,
+                         epsilon0: float = EPSILON0) -> torch.Tensor:
     """ε_e = ε∞/(1 + χ) per structure [B]; χ = Σ tr(α)/3/(ε0 V), 0 for open structures."""
     b = cell.shape[0]
     eps = torch.full((b,), float(eps_infty), dtype=cell.dtype, device=cell.device)
@@ -115,17 +114,18 @@ def electronic_screening(eps_infty: float, alpha: Optional[torch.Tensor], cell: 
     trace = alpha if alpha.dim() == 1 else torch.diagonal(alpha, dim1=1, dim2=2).sum(-1) / 3.0
     periodic = pbc.any(dim=1)
     volume = torch.where(periodic, torch.linalg.det(cell).abs(), torch.ones_like(eps))
-    chi = torch.where(periodic, segment_sum(trace, batch, b) / (EPSILON0 * volume),
+    chi = torch.where(periodic, segment_sum(trace, batch, b) / (epsilon0 * volume),
                       torch.zeros_like(eps))
     return eps / (1.0 + chi)
 
 
 def cell_polarizability(alpha: torch.Tensor, batch: torch.Tensor, num_structures: int,
-                        screening: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        screening: Optional[torch.Tensor] = None,
+                        coulomb: float = COULOMB) -> torch.Tensor:
     """Σ_i α_i per structure as [B,3,3] in Å³ (α in e·Å²/V times k_e, times ε_e if given)."""
     if alpha.dim() == 1:
         alpha = alpha[:, None, None] * torch.eye(3, dtype=alpha.dtype, device=alpha.device)
-    total = segment_sum(alpha, batch, num_structures) * COULOMB
+    total = segment_sum(alpha, batch, num_structures) * coulomb
     if screening is not None:
         total = total * screening[:, None, None]
     return total
