@@ -188,6 +188,8 @@ def _run_case(python: str, impl: str, args, tiling: int, dtype: str) -> dict:
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if args.thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     if impl == "mace":
         # e3nn 0.4.x (needed by mace-torch) loads its own constants with torch.load, which newer torch
         # refuses by default (weights_only); the file ships with the package
@@ -217,6 +219,9 @@ def main(argv=None) -> None:
                     help="MACETrunk(low_memory=False): keep per-edge products for the backward (faster, more memory)")
     ap.add_argument("--malloc-tune", action="store_true",
                     help="glibc mallopt: keep freed memory (no page faults after warm-up), both implementations")
+    ap.add_argument("--thp", action="store_true",
+                    help="THP_MEM_ALLOC_ENABLE=1 for both implementations: torch backs large CPU tensors with "
+                         "transparent huge pages (far fewer page faults)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY for the cases (PASSIVE: no spinning threads on a shared, loaded machine)")
     ap.add_argument("--mace-python", default=None, help="interpreter with mace-torch installed (optional)")
