@@ -41,6 +41,7 @@ The neighbour list is the caller's job (in Python: `polarmace.neighbours.neighbo
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
@@ -101,7 +102,9 @@ def script_model(model: torch.nn.Module) -> torch.jit.ScriptModule:
     for p in clone.parameters():
         p.requires_grad_(False)
     try:
-        return torch.jit.script(clone)
+        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(clone)
     except Exception as exc:  # scripting raises several types; re-raise with a short summary
         first = str(exc).strip().splitlines()
         summary = next((line for line in first if line.strip()), repr(exc))
@@ -120,7 +123,13 @@ def export_model(model: Union[torch.nn.Module, str, Path], path: Union[str, Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(model_metadata(model))
-    torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: meta})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(scripted, str(path), _extra_files={METADATA_NAME: meta})
+    except RuntimeError as exc:  # e.g. a @torch.jit.ignore'd Python call left in the graph
+        first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+        raise ExportError(f"torch.jit.save failed: {first}\n{exc}") from exc
     return path
 
 
@@ -138,7 +147,9 @@ def is_torchscript_file(path: Union[str, Path]) -> bool:
 def load_torchscript(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
     """(module, metadata) of an exported file; metadata is {} when the archive has none."""
     extra = {METADATA_NAME: ""}
-    module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
     raw = extra[METADATA_NAME]
     meta = json.loads(raw) if raw else {}
     if "r_max" not in meta and hasattr(module, "r_max"):
