@@ -11,7 +11,7 @@ resolved config (stored in every saved file): no pickled modules.
 
 import copy
 import pickle
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Final, List, Mapping, Optional
 
 import torch
 from ase.data import atomic_numbers as ASE_NUMBERS
@@ -48,6 +48,16 @@ class PolarMACE(torch.nn.Module):
     [N,3,3], kappa [N], alpha [N] or [N,3,3], polarization/dipole [B,3], polarizability
     [B,3,3] (Å³) and bec [N,3,3] (on request; × √ε_e when long_range.eps_infty is set).
     """
+
+    # constants for TorchScript: switched-off branches are compiled away
+    use_charges: Final[bool]
+    use_dipoles: Final[bool]
+    use_quadrupoles: Final[bool]
+    use_induced_charges: Final[bool]
+    use_induced_dipoles: Final[bool]
+    anisotropic: Final[bool]
+    learned_total_charge: Final[bool]
+    electrostatics_on: Final[bool]
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -91,7 +101,7 @@ class PolarMACE(torch.nn.Module):
         self.anisotropic = lr.get("polarizability", "isotropic") == "anisotropic"
         self.learned_total_charge = lr.get("total_charge", "uniform") == "learned"
         self.electrostatics_on = (self.use_charges or self.use_dipoles or self.use_quadrupoles
-                                  or self.use_induced_dipoles)
+                                  or self.use_induced_dipoles or self.use_induced_charges)
         eps = lr.get("eps_infty")
         self.eps_infty = float(eps) if eps is not None else 0.0
         dummy = torch.nn.Identity()
@@ -111,8 +121,7 @@ class PolarMACE(torch.nn.Module):
         self.kappa_scale = float(scales.get("kappa", 0.01))
         self.alpha_scale = float(scales.get("alpha", 0.01))
         self.register_buffer("quadrupole_basis", _quadrupole_basis())
-        if self.electrostatics_on or self.use_induced_charges:
-            self.electrostatics_on = True
+        if self.electrostatics_on:
             self.engine = Electrostatics(
                 sigma=float(lr.get("sigma", 1.0)), method=lr.get("method", "auto"),
                 accuracy=float(lr.get("accuracy", 1e-6)), kspace=lr.get("kspace", "converged"),

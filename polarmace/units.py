@@ -19,5 +19,7 @@ HARTREE = 27.211386245988
 DEBYE = 0.20819433622621247
 #: Boltzmann constant in eV/K.
 KB = 8.617333262e-5
+#: Reduced Planck constant ħ in eV·fs (CODATA 2018).
+HBAR = 0.6582119569
 #: Speed of light in cm/fs (for wavenumbers).
 SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5

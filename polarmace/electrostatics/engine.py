@@ -53,13 +53,6 @@ def _reindex(mask_structures: torch.Tensor, batch: torch.Tensor,
     return new_id[batch[atom_index]]
 
 
-@torch.jit.ignore
-def _neighbour_list(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
-                    batch: torch.Tensor, cutoff: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    from polarmace.neighbours import neighbour_pairs
-    return neighbour_pairs(positions, cell, pbc, batch, cutoff)
-
-
 class Electrostatics(torch.nn.Module):
     """Electrostatics of Gaussian-smeared multipoles, batched, differentiable twice.
 
@@ -123,6 +116,13 @@ class Electrostatics(torch.nn.Module):
         # settings for charges only; _split() adapts them to the highest multipole of a call
         self.beta, self.kmax, self.needs_real_space = self._split(0)
         self.taper_width = 1.1
+
+    @torch.jit.unused
+    def _neighbour_list(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                        batch: torch.Tensor, cutoff: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Real-space pairs (matscipy; Python only: point multipoles are not exportable)."""
+        from polarmace.neighbours import neighbour_pairs
+        return neighbour_pairs(positions, cell, pbc, batch, cutoff)
 
     def _split(self, order: int) -> Tuple[float, float, bool]:
         """(β, kmax, needs_real_space) for sources up to multipole `order` (0 q, 1 μ, 2 Θ).
@@ -305,7 +305,7 @@ class Electrostatics(torch.nn.Module):
         phi, field, gradient = self._subtract_self(phi, field, gradient, q, mu, theta, beta)
         if needs_real_space:
             cutoff = self._real_space_cutoff(beta, order)
-            edge_index, shifts = _neighbour_list(positions, cell, pbc, batch, cutoff)
+            edge_index, shifts = self._neighbour_list(positions, cell, pbc, batch, cutoff)
             p, f, g = direct.real_space_site_fields(positions, cell, batch, edge_index, shifts, q,
                                                     mu, theta, self.sigma, beta, need_gradient)
             phi = phi + p
