@@ -24,13 +24,7 @@ from polarmace.model import build_model
 R_MAX = 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run ~5x faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def thermalize(atoms: Atoms, temperature_K: float, seed: int) -> None:

@@ -14,15 +14,7 @@ from polarmace.electrostatics import (
 from polarmace.units import COULOMB
 
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """These physics tests run in float64; restore the default afterwards (other modules
-    test float32 paths)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 # High-precision Madelung constants (nearest-neighbour convention, energy per ion pair):
 # NaCl OEIS A085469, CsCl OEIS A181152, zinc blende (Sakamoto 1958 / Zucker 1975).

@@ -13,15 +13,7 @@ from polarmace.data.graph import collate
 from polarmace.model import PolarMACE, build_model
 
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """These physics tests run in float64; restore the default afterwards (other modules
-    test float32 paths)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 VARIANTS = ["sr", "les", "u", "uQ", "uiq", "uiu", "uQiqiu"]
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
