@@ -35,7 +35,7 @@ def run_case(variant: str, tiling: int, dtype: str, repeats: int, xyz: str) -> d
     cfg = {"model": {"elements": ["H", "O"], "e0s": {"H": 0.0, "O": 0.0}, "avg_num_neighbors": 50.0,
                      "dtype": dtype, "r_max": 5.0},
            "long_range": {"variant": variant}}
-    model = build_model(cfg)
+    model = build_model(cfg).eval()   # inference: forces without a graph for second derivatives
     for p in model.parameters():
         p.requires_grad_(False)
     graph = collate([conf], 5.0, dtype=getattr(torch, dtype))

@@ -13,7 +13,7 @@ try:  # optional
     import torch_scatter as _torch_scatter  # type: ignore
 
     _HAS_TORCH_SCATTER = True
-except Exception:  # pragma: no cover - depends on the environment
+except (ImportError, OSError):  # absent, or built against another torch
     _torch_scatter = None
     _HAS_TORCH_SCATTER = False
 

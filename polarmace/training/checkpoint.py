@@ -35,7 +35,7 @@ def versions() -> Dict[str, str]:
         import e3nn  # noqa: F401
 
         out["e3nn"] = e3nn.__version__
-    except Exception:  # pragma: no cover - optional
+    except ImportError:  # pragma: no cover - optional
         pass
     return out
 

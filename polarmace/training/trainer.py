@@ -67,7 +67,7 @@ def explicit_loss_terms(config: Any, overrides: Sequence[str] = ()) -> set:
             import yaml
 
             raw = yaml.safe_load(Path(config).read_text()) or {}
-        except Exception:
+        except (OSError, yaml.YAMLError):  # load_config reports these properly later
             raw = {}
     elif isinstance(config, Mapping):
         raw = config
