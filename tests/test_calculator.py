@@ -310,36 +310,12 @@ def test_open_system_nve_in_external_field_conserves_energy():
 
 
 # --------------------------------------------------------------------------- TorchScript export
-def _script_or_skip(model):
-    from polarmace.export import ExportError, script_model
-
-    try:
-        return script_model(model)
-    except ExportError as exc:
-        if "polarmace/electrostatics" in str(exc):
-            first = str(exc).splitlines()[0]
-            pytest.skip(f"electrostatics not TorchScript-compatible yet: {first} ({_electrostatics_frame(exc)})")
-        raise
-
-
-def _electrostatics_frame(exc: Exception) -> str:
-    """The first 'File .../polarmace/electrostatics/...' line of a TorchScript error."""
-    return next((line.strip() for line in str(exc).splitlines() if "polarmace/electrostatics" in line), "")
-
-
 @pytest.mark.parametrize("variant", ["sr", "uQiqiu"])
 def test_export_loads_with_plain_torch_and_matches(tmp_path, variant):
-    from polarmace.export import ExportError, export_model
+    from polarmace.export import export_model
 
     model = tiny_model(variant, perturb=0.3)
-    _script_or_skip(model)
-    try:
-        path = export_model(model, tmp_path / "model.ts")
-    except ExportError as exc:
-        if "polarmace/electrostatics" not in str(exc):
-            raise
-        pytest.skip(f"electrostatics not exportable yet: {str(exc).splitlines()[0]} "
-                    f"({_electrostatics_frame(exc)})")
+    path = export_model(model, tmp_path / "model.ts")
     atoms = box()
     conf = Configuration(atomic_numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell.array,
                          pbc=atoms.pbc, total_charge=0.0)

@@ -226,9 +226,6 @@ def test_two_epoch_cli_run_and_eval_with_the_toy_model(dataset, tmp_path, capsys
 
 
 def test_two_epoch_cli_run_and_eval_with_polarmace(dataset, tmp_path):
-    model_mod = pytest.importorskip("polarmace.model")
-    if not hasattr(model_mod, "PolarMACE"):
-        pytest.skip("polarmace.model.PolarMACE not available yet")
     from polarmace.cli import eval as eval_cli
     from polarmace.cli import train as train_cli
 
