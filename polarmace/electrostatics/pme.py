@@ -400,6 +400,34 @@ def _check(order: int, mu: Optional[Tensor], theta: Optional[Tensor], need_gradi
             + " (3 for charges, 4 with dipoles, 5 with quadrupoles or field gradients)")
 
 
+def _mesh_potential(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
+                    mu: Optional[Tensor], theta: Optional[Tensor], beta: float, mesh: List[int],
+                    order: int, dgather: int, chunk_size: int
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Spread the multipoles on the mesh and convolve: (perm, table, idx, tmat, grid, potential).
+
+    The stencil carries spline derivatives up to max(spreading order, `dgather`).
+    """
+    nb = cell.shape[0]
+    dspread = 0
+    if mu is not None:
+        dspread = 1
+    if theta is not None:
+        dspread = 2
+    perm, table, idx, tmat = _stencil(positions, batch, cell, mesh, order, max(dspread, dgather))
+    mu_s: Optional[Tensor] = None
+    if mu is not None:
+        mu_s = mu.index_select(0, perm)
+    theta_s: Optional[Tensor] = None
+    if theta is not None:
+        theta_s = theta.index_select(0, perm)
+    coef = _spread_coefficients(q.index_select(0, perm), mu_s, theta_s, tmat, dspread)
+    grid = _spread(coef, table, idx, nb * mesh[0] * mesh[1] * mesh[2], chunk_size)
+    infl = influence_function(cell, beta, mesh, order)
+    pot = _convolve(grid, infl, mesh)
+    return perm, table, idx, tmat, grid, pot
+
+
 def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
                     mu: Optional[Tensor], theta: Optional[Tensor], beta: float,
                     mesh: List[int], order: int = 6, need_gradient: bool = False,
@@ -422,25 +450,9 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     """
     _check(order, mu, theta, need_gradient)
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
-    nb = cell.shape[0]
-    dspread = 0
-    if mu is not None:
-        dspread = 1
-    if theta is not None:
-        dspread = 2
     dgather = 2 if need_gradient else 1
-    perm, table, idx, tmat = _stencil(positions, batch, cell, [k1, k2, k3], order,
-                                      max(dspread, dgather))
-    mu_s: Optional[Tensor] = None
-    if mu is not None:
-        mu_s = mu.index_select(0, perm)
-    theta_s: Optional[Tensor] = None
-    if theta is not None:
-        theta_s = theta.index_select(0, perm)
-    coef = _spread_coefficients(q.index_select(0, perm), mu_s, theta_s, tmat, dspread)
-    grid = _spread(coef, table, idx, nb * k1 * k2 * k3, chunk_size)
-    infl = influence_function(cell, beta, [k1, k2, k3], order)
-    pot = _convolve(grid, infl, [k1, k2, k3])
+    perm, table, idx, tmat, grid, pot = _mesh_potential(positions, batch, cell, q, mu, theta, beta,
+                                                        [k1, k2, k3], order, dgather, chunk_size)
     r = _gather(pot, table, idx, dgather)  # [N, D, D, D] (sorted sites)
     back = _inverse_permutation(perm)
     dim = dgather + 1
@@ -477,22 +489,8 @@ def pme_energy(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     _check(order, mu, theta, False)
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
     nb = cell.shape[0]
-    dspread = 0
-    if mu is not None:
-        dspread = 1
-    if theta is not None:
-        dspread = 2
-    perm, table, idx, tmat = _stencil(positions, batch, cell, [k1, k2, k3], order, dspread)
-    mu_s: Optional[Tensor] = None
-    if mu is not None:
-        mu_s = mu.index_select(0, perm)
-    theta_s: Optional[Tensor] = None
-    if theta is not None:
-        theta_s = theta.index_select(0, perm)
-    coef = _spread_coefficients(q.index_select(0, perm), mu_s, theta_s, tmat, dspread)
-    grid = _spread(coef, table, idx, nb * k1 * k2 * k3, chunk_size)
-    infl = influence_function(cell, beta, [k1, k2, k3], order)
-    pot = _convolve(grid, infl, [k1, k2, k3])
+    _, _, _, _, grid, pot = _mesh_potential(positions, batch, cell, q, mu, theta, beta,
+                                            [k1, k2, k3], order, 0, chunk_size)
     return 0.5 * (grid * pot).view(nb, -1).sum(1)
 
 
