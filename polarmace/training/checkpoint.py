@@ -18,7 +18,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,14 +55,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: os.PathLike) -> None:
-    """torch.save to `path` through a temporary file + fsync + os.replace."""
+def _atomic_write(path: os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
+    """Write through a temporary file + fsync + os.replace: a kill never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -70,22 +70,16 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: os.PathLike) -> None:
+    """torch.save to `path` atomically."""
+    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(text: str, path: os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `text` to `path` atomically."""
+    _atomic_write(path, "w", lambda fh: fh.write(text))
 
 
 class CheckpointHandler:
