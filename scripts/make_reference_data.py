@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Generate the reference datasets of the accuracy benchmarks (resumable, seeded).
+
+    python scripts/make_reference_data.py nacl  [--out data/reference]   # GFN2-xTB, tblite
+    python scripts/make_reference_data.py water [--out data/reference]   # AMOEBA, OpenMM
+    python scripts/make_reference_data.py all
+
+Rerunning the same command after an interruption continues where it stopped (frames are
+appended one by one; a partially written chunk is dropped). Needs `pip install tblite` for
+nacl and `openmm` for water. Single-threaded by default (OMP_NUM_THREADS=1) so two sets can be
+generated side by side; set --threads to change that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=("nacl", "water", "all"))
+    p.add_argument("--out", type=Path, default=Path("data/reference"), help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny version of every set (minutes), for trying the pipeline")
+    p.add_argument("--nacl-md-chunks", type=int, default=24, help="MD chunks of 100 frames")
+    p.add_argument("--nacl-test-size", type=int, default=200)
+    p.add_argument("--water-configs", type=int, default=None, help="periodic AMOEBA frames")
+    p.add_argument("--water-clusters", type=int, default=None, help="AMOEBA clusters with BEC")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_nacl(args: argparse.Namespace) -> None:
+    from polarmace.reference.xtb_nacl import NaClPlan, generate_nacl
+
+    if args.quick:
+        plan = NaClPlan(md_chunks=2, frames_per_chunk=10, equilibration_steps=10, distorted_chunks=1,
+                        distorted_per_chunk=5, test_size=5, seed=args.seed)
+    else:
+        plan = NaClPlan(md_chunks=args.nacl_md_chunks, test_size=args.nacl_test_size, seed=args.seed)
+    paths = generate_nacl(args.out, plan, progress=not args.no_progress)
+    logging.info("NaCl xTB: %s", ", ".join(f"{k}={v}" for k, v in paths.items()))
+
+
+def make_water(args: argparse.Namespace) -> None:
+    from polarmace.reference import amoeba_water
+
+    kw_p = {} if args.water_configs is None else {"n_configs": args.water_configs}
+    kw_c = {} if args.water_clusters is None else {"n_configs": args.water_clusters}
+    if args.quick:
+        kw_p, kw_c = {"n_configs": 5}, {"n_configs": 2}
+    periodic = amoeba_water.generate_periodic(args.out / "water_amoeba_periodic.extxyz",
+                                              seed=args.seed, progress=not args.no_progress, **kw_p)
+    clusters = amoeba_water.generate_clusters(args.out / "water_amoeba_clusters.extxyz",
+                                              seed=args.seed, **kw_c)
+    logging.info("AMOEBA water: periodic=%s clusters=%s", periodic, clusters)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.dataset in ("nacl", "all"):
+        make_nacl(args)
+    if args.dataset in ("water", "all"):
+        make_water(args)
+    logging.info("done in %.1f min", (time.time() - t0) / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
