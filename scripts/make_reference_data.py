@@ -5,8 +5,8 @@
     python scripts/make_reference_data.py water [--out data/reference]   # AMOEBA, OpenMM
     python scripts/make_reference_data.py all
 
-Rerunning the same command after an interruption continues where it stopped (frames are
-appended one by one; a partially written chunk is dropped). Needs `pip install tblite` for
+Rerunning the same command after an interruption continues where it stopped (work is done in
+seeded chunks that are written atomically; an unfinished chunk is recomputed). Needs `pip install tblite` for
 nacl and `openmm` for water. Single-threaded by default (OMP_NUM_THREADS=1) so two sets can be
 generated side by side; set --threads to change that.
 """
@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("dataset", choices=("nacl", "water", "all"))
     p.add_argument("--out", type=Path, default=Path("data/reference"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="OpenMP threads per process")
+    p.add_argument("--workers", type=int, default=1, help="processes for independent chunks")
     p.add_argument("--quick", action="store_true",
                    help="a tiny version of every set (minutes), for trying the pipeline")
     p.add_argument("--nacl-md-chunks", type=int, default=24, help="MD chunks of 100 frames")
@@ -45,7 +46,7 @@ def make_nacl(args: argparse.Namespace) -> None:
                         distorted_per_chunk=5, test_size=5, seed=args.seed)
     else:
         plan = NaClPlan(md_chunks=args.nacl_md_chunks, test_size=args.nacl_test_size, seed=args.seed)
-    paths = generate_nacl(args.out, plan, progress=not args.no_progress)
+    paths = generate_nacl(args.out, plan, progress=not args.no_progress, workers=args.workers)
     logging.info("NaCl xTB: %s", ", ".join(f"{k}={v}" for k, v in paths.items()))
 
 

@@ -88,17 +88,19 @@ def test_dipole_origin_convention(na8):
 def test_generation_resumes_after_a_kill(tmp_path):
     plan = NaClPlan(md_chunks=2, frames_per_chunk=3, sample_every=2, equilibration_steps=2,
                     distorted_chunks=1, distorted_per_chunk=2, test_size=2)
-    ref = generate_nacl(tmp_path / "ref", plan, progress=False)
+    ref = generate_nacl(tmp_path, plan, progress=False)
     pool_ref = read(ref["pool"], ":")
-    # Simulate a run killed in the middle of the second chunk, with a torn last frame.
-    out = tmp_path / "resumed"
-    out.mkdir()
-    lines = ref["pool"].read_text().splitlines(keepends=True)
-    per_frame = len(pool_ref[0]) + 2
-    (out / "nacl_xtb_pool.extxyz").write_text("".join(lines[: 4 * per_frame + 5]))
-    paths = generate_nacl(out, plan, progress=False)
+    assert len(pool_ref) == plan.total
+    # Simulate a run killed while writing the second MD chunk and before the later stages.
+    chunks = tmp_path / "nacl_xtb_chunks"
+    text = (chunks / "md_001.extxyz").read_text()
+    (chunks / "md_001.extxyz").unlink()
+    (chunks / "md_001.partial").write_text(text[: len(text) // 2])
+    for name in ("distorted_000", "test_000"):
+        (chunks / f"{name}.extxyz").unlink()
+    paths = generate_nacl(tmp_path, plan, progress=False, workers=2)
     pool = read(paths["pool"], ":")
-    assert len(pool) == plan.total == len(pool_ref)
+    assert len(pool) == len(pool_ref)
     for a, b in zip(pool, pool_ref):
         np.testing.assert_allclose(a.positions, b.positions, atol=1e-10)
         assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-8)

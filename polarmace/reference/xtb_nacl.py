@@ -12,7 +12,8 @@ plus randomly distorted (displaced and scaled) copies of MD frames. A random 200
 subset additionally gets, by a finite electric field (±h along x, y, z: six extra single points),
     BEC[i, a, b] = ∂F_ib/∂E_a = ∂μ_a/∂r_ib   (e)
     α[a, b]      = ∂μ_a/∂E_b                  (Å³, i.e. α/(4πε0); μ = α E / k_e)
-Everything is written frame by frame (extxyz, append) so a killed run resumes where it stopped.
+Work is split into independent, seeded chunks written atomically (one extxyz file each), so a
+killed run resumes at the first missing chunk and several worker processes give the same data.
 
 Stored labels (eV, Å, e): info `energy`, `dipole` (e·Å about the coordinate origin, Σ q r
 convention, positions centred on their centroid), `total_charge` (1.0), `temperature`, `kind`
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -152,7 +155,7 @@ class NaClPlan:
     temperatures: Tuple[float, ...] = (300.0, 450.0, 600.0, 800.0)
     md_chunks: int = 24
     frames_per_chunk: int = 100
-    sample_every: int = 10
+    sample_every: int = 5
     equilibration_steps: int = 100
     dt_fs: float = 2.0
     friction_per_fs: float = 0.02
@@ -278,82 +281,103 @@ def _labels_from_calc(atoms: Atoms) -> Atoms:
     return atoms
 
 
-def _truncate(path: Path, frames: List[Atoms]) -> None:
-    """Rewrite path with exactly these frames (drops a partially written tail)."""
-    tmp = path.with_suffix(".tmp.extxyz")
+def _write_chunk(path: Path, frames: Sequence[Atoms]) -> None:
+    """Write a finished chunk atomically: a chunk file exists only when it is complete."""
+    tmp = path.with_suffix(".partial")
     if tmp.exists():
         tmp.unlink()
     for atoms in frames:
         write(tmp, atoms, format="extxyz", append=True)
-    if not frames:
-        tmp.touch()
     tmp.replace(path)
 
 
-def _chunks(plan: NaClPlan, pool_path: Path, progress: bool) -> List[Atoms]:
-    """Run (or resume) every sampling chunk into pool_path and return all frames."""
+def _run_chunk(job: Tuple[str, NaClPlan, int, Path, Path, float]) -> int:
+    """Worker entry: compute one chunk and write it; returns its number of frames."""
+    kind, plan, index, path, chunk_dir, field_step = job
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if kind == "md":
+        frames = _md_chunk(plan, index)
+    elif kind == "distorted":
+        bases = [f for c in range(plan.md_chunks) for f in _read_frames(chunk_dir / f"md_{c:03d}.extxyz")]
+        frames = _distorted_chunk(plan, index, bases)
+    else:
+        pool = _pool(plan, chunk_dir)
+        frames = [_with_field_response(pool[int(i)], int(i), field_step)
+                  for i in _test_chunks(plan, len(pool))[index]]
+    _write_chunk(path, frames)
+    return len(frames)
+
+
+def _with_field_response(atoms: Atoms, pool_index: int, field_step: float) -> Atoms:
+    atoms = atoms.copy()
+    bec, alpha = field_response(atoms, charge=atoms.info["total_charge"], step=field_step)
+    atoms.arrays["BEC"] = bec.reshape(len(atoms), 9)
+    atoms.info["polarizability"] = alpha.reshape(9)
+    atoms.info["pool_index"] = pool_index
+    return atoms
+
+
+def _pool(plan: NaClPlan, chunk_dir: Path) -> List[Atoms]:
+    names = [f"md_{c:03d}" for c in range(plan.md_chunks)] + \
+        [f"distorted_{c:03d}" for c in range(plan.distorted_chunks)]
+    return [f for name in names for f in _read_frames(chunk_dir / f"{name}.extxyz")]
+
+
+def _run_stage(kind: str, plan: NaClPlan, count: int, sizes: Sequence[int], chunk_dir: Path,
+               workers: int, progress: bool, field_step: float = 0.0) -> None:
+    """Run every missing chunk of one stage, on `workers` processes, with a progress bar."""
     from tqdm import tqdm
 
-    frames = _read_frames(pool_path)
-    sizes = [plan.frames_per_chunk] * plan.md_chunks + [plan.distorted_per_chunk] * plan.distorted_chunks
-    bounds = np.cumsum([0] + sizes)
-    done = int(np.searchsorted(bounds, len(frames), side="right") - 1)
-    if bounds[done] != len(frames) or pool_path.exists() and len(frames) == 0:
-        log.info("dropping %d frames of an unfinished chunk", len(frames) - bounds[done])
-        frames = frames[: bounds[done]]
-        _truncate(pool_path, frames)
-    bar = tqdm(total=plan.total, initial=len(frames), desc="NaCl xTB frames", unit="frame",
+    paths = [chunk_dir / f"{kind}_{c:03d}.extxyz" for c in range(count)]
+    todo = [(kind, plan, c, paths[c], chunk_dir, field_step) for c in range(count) if not paths[c].exists()]
+    done = sum(size for c, size in enumerate(sizes) if paths[c].exists())
+    bar = tqdm(total=sum(sizes), initial=done, desc=f"NaCl xTB {kind}", unit="frame",
                disable=not progress)
-    for c in range(done, len(sizes)):
-        if c < plan.md_chunks:
-            new = _md_chunk(plan, c)
-        else:
-            # Bases as stored in the file, so a resumed run distorts exactly the same numbers.
-            md = [f for f in _read_frames(pool_path) if f.info.get("kind") == "md"]
-            new = _distorted_chunk(plan, c - plan.md_chunks, md)
-        for atoms in new:
-            write(pool_path, atoms, format="extxyz", append=True)
-        frames.extend(new)
-        bar.update(len(new))
+    if workers > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            for n in pool.imap_unordered(_run_chunk, todo):
+                bar.update(n)
+    else:
+        for job in todo:
+            bar.update(_run_chunk(job))
     bar.close()
-    return frames
+    log.info("%s chunks done: %d frames", kind, sum(len(_read_frames(p)) for p in paths))
 
 
-def _test_indices(plan: NaClPlan, n: int) -> np.ndarray:
+def _test_chunks(plan: NaClPlan, n: int, size: int = 25) -> List[np.ndarray]:
+    """The seeded test subset of pool indices, split into chunks of `size`."""
     rng = np.random.default_rng([plan.seed, 3])
-    return np.sort(rng.choice(n, size=min(plan.test_size, n), replace=False))
+    idx = np.sort(rng.choice(n, size=min(plan.test_size, n), replace=False))
+    return [idx[k:k + size] for k in range(0, len(idx), size)]
 
 
 def generate_nacl(out_dir: Path, plan: Optional[NaClPlan] = None, progress: bool = True,
-                  field_step: float = 0.02) -> Dict[str, Path]:
+                  field_step: float = 0.02, workers: int = 1) -> Dict[str, Path]:
     """Generate (or resume) the NaCl xTB set; returns the paths of the train and test files.
 
-    out_dir/nacl_xtb_pool.extxyz  every sampled frame (resumable log)
-    out_dir/nacl_xtb_test.extxyz  the test subset with BEC and polarizability
-    out_dir/nacl_xtb_train.extxyz the remaining frames
+    out_dir/nacl_xtb_chunks/       one file per finished chunk (the unit of resumption)
+    out_dir/nacl_xtb_pool.extxyz   every sampled frame
+    out_dir/nacl_xtb_test.extxyz   the test subset with BEC and polarizability
+    out_dir/nacl_xtb_train.extxyz  the remaining frames
+    Chunks are independent and seeded by their index, so `workers` processes give the same data.
     """
-    from tqdm import tqdm
-
     plan = plan or NaClPlan()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pool = _chunks(plan, out_dir / "nacl_xtb_pool.extxyz", progress)
-    test_idx = _test_indices(plan, len(pool))
-    test_path = out_dir / "nacl_xtb_test.extxyz"
-    test = _read_frames(test_path)
-    _truncate(test_path, test)
-    bar = tqdm(total=len(test_idx), initial=len(test), desc="NaCl BEC/α (finite field)",
-               unit="frame", disable=not progress)
-    for i in test_idx[len(test):]:
-        atoms = pool[int(i)].copy()
-        bec, alpha = field_response(atoms, charge=atoms.info["total_charge"], step=field_step)
-        atoms.arrays["BEC"] = bec.reshape(len(atoms), 9)
-        atoms.info["polarizability"] = alpha.reshape(9)
-        atoms.info["pool_index"] = int(i)
-        write(test_path, atoms, format="extxyz", append=True)
-        bar.update(1)
-    bar.close()
-    train_path = out_dir / "nacl_xtb_train.extxyz"
-    test_set = set(int(i) for i in test_idx)
-    _truncate(train_path, [f for k, f in enumerate(pool) if k not in test_set])
-    return {"train": train_path, "test": test_path, "pool": out_dir / "nacl_xtb_pool.extxyz"}
+    chunk_dir = out_dir / "nacl_xtb_chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    _run_stage("md", plan, plan.md_chunks, [plan.frames_per_chunk] * plan.md_chunks, chunk_dir,
+               workers, progress)
+    _run_stage("distorted", plan, plan.distorted_chunks,
+               [plan.distorted_per_chunk] * plan.distorted_chunks, chunk_dir, workers, progress)
+    pool = _pool(plan, chunk_dir)
+    tests = _test_chunks(plan, len(pool))
+    _run_stage("test", plan, len(tests), [len(t) for t in tests], chunk_dir, workers, progress,
+               field_step)
+    paths = {name: out_dir / f"nacl_xtb_{name}.extxyz" for name in ("pool", "test", "train")}
+    test_set = set(int(i) for t in tests for i in t)
+    _write_chunk(paths["pool"], pool)
+    _write_chunk(paths["test"], [f for c in range(len(tests))
+                                 for f in _read_frames(chunk_dir / f"test_{c:03d}.extxyz")])
+    _write_chunk(paths["train"], [f for k, f in enumerate(pool) if k not in test_set])
+    return paths
