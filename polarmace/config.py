@@ -319,7 +319,8 @@ class Stage2Config:
 
     #: First epoch (0-based) of stage two; null = use start_fraction.
     start_epoch: Optional[int] = None
-    #: Start after this fraction of the epochs (e.g. 0.67 = last third); null = use start_epoch.
+    #: Start after this fraction of the epochs (e.g. 0.67 = last third), or of training.max_time
+    #: when that is set (whichever is reached first); null = use start_epoch.
     start_fraction: Optional[float] = None
     energy_weight: float = 1000.0
     forces_weight: float = 100.0
@@ -380,6 +381,11 @@ class TrainingConfig:
     device: str = "cpu"
     #: Evaluate on the validation set every this many epochs.
     eval_interval: int = 1
+    #: Wall-time budget of the training loop, seconds (epoch times incl. validation, summed over
+    #: resumed runs): training stops after the epoch during which it is exceeded; with
+    #: stage_two.start_fraction, stage two then starts at that fraction of this budget (or of
+    #: the epochs, whichever comes first). null = no budget.
+    max_time: Optional[float] = None
 
     def __post_init__(self) -> None:
         s = "training"
@@ -396,6 +402,8 @@ class TrainingConfig:
         if self.patience is not None:
             _check(self.patience >= 1, f"{s}.patience", "must be >= 1 or null")
         _check(self.eval_interval >= 1, f"{s}.eval_interval", "must be >= 1")
+        if self.max_time is not None:
+            _check(self.max_time > 0, f"{s}.max_time", f"must be > 0 seconds or null, got {self.max_time}")
         _check(bool(self.device), f"{s}.device", "must be a device string such as 'cpu' or 'cuda'")
 
 

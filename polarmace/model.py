@@ -38,6 +38,11 @@ def _quadrupole_basis() -> torch.Tensor:
     return q[1:].clone()
 
 
+def _needs_vector_features(lr: Mapping[str, Any]) -> bool:
+    return bool(lr.get("dipoles") or lr.get("quadrupoles")
+                or (lr.get("induced_dipoles") and lr.get("polarizability") == "anisotropic"))
+
+
 class PolarMACE(torch.nn.Module):
     """The end-to-end model. Build it with `polarmace.build_model(config)`.
 
@@ -78,6 +83,9 @@ class PolarMACE(torch.nn.Module):
             hidden_irreps=m["hidden_irreps"], num_interactions=m["num_interactions"],
             correlation=m["correlation"], radial_mlp=m["radial_mlp"],
             avg_num_neighbors=float(m["avg_num_neighbors"]),
+            # Dipole, quadrupole and anisotropic-α readouts need vector features from the last
+            # layer (with one interaction layer there are no earlier ones to read from).
+            last_layer_scalars_only=not _needs_vector_features(lr),
         )
         self.r_max = float(m["r_max"])
         lookup = torch.full((119,), -1, dtype=torch.long)

@@ -369,3 +369,85 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(dataset, tmp_pat
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_result["grads"][name], p.grad, rtol=1e-12, atol=1e-14)
         assert p.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------ wall-time budget
+class _FakeClock:
+    """Replaces the trainer's `time` module; every optimiser step costs exactly 1 s."""
+
+    def __init__(self, monkeypatch):
+        from polarmace.training import trainer
+
+        self.now = 1000.0
+        step = trainer.train_step
+
+        def timed_step(*args, **kwargs):
+            self.now += 1.0
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, "time", self)
+        monkeypatch.setattr(trainer, "train_step", timed_step)
+
+    def time(self) -> float:
+        return self.now
+
+
+def _budget_config(dataset: Path, out: Path, **training) -> dict:
+    # 20 frames -> 14 train; batch 4 -> 4 steps = 4 fake seconds per epoch
+    cfg = toy_config(dataset, out, epochs=100, max_time=10.0, **training)
+    cfg["output"]["plots"] = False
+    return cfg
+
+
+def test_max_time_stops_after_the_epoch_that_passes_the_budget(dataset, tmp_path, monkeypatch):
+    from polarmace.config import ConfigError, load_config
+    from polarmace.training import trainer
+
+    with pytest.raises(ConfigError, match="training.max_time"):
+        load_config({"training": {"max_time": 0}})
+    _FakeClock(monkeypatch)
+    result = trainer.train(_budget_config(dataset, tmp_path / "run"), model_factory=toy_model.build_toy_model)
+    run = tmp_path / "run"
+    # epochs end at 4, 8, 12 fake seconds: the third passes the 10 s budget
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert [r["time_s"] for r in result.history] == [4.0, 4.0, 4.0]
+    assert "valid_loss" in result.history[-1]  # the last epoch is always validated
+    assert (run / "toy.model").is_file() and (run / "best.pt").is_file()
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert {"E_rmse", "F_rmse"} <= set(final["test"]) and result.test_metrics == final["test"]
+    log = (run / "train.log").read_text()
+    assert "time budget: 12.0 s of training >= training.max_time 10 s after epoch 3: stopping" in log
+    assert CheckpointHandler(run).load()["finished"]
+
+
+def test_max_time_moves_the_stage_two_start_to_a_fraction_of_the_budget(dataset, tmp_path, monkeypatch):
+    from polarmace.training import trainer
+
+    stage_two = {"start_fraction": 0.5, "energy_weight": 100.0, "forces_weight": 10.0, "lr": 0.003}
+    clock = _FakeClock(monkeypatch)
+    straight = trainer.train(_budget_config(dataset, tmp_path / "straight", stage_two=stage_two),
+                             model_factory=toy_model.build_toy_model)
+    # by epochs, stage two would start at epoch 50 of 100; by time it starts with the first epoch
+    # beginning after 0.5 x 10 s: epochs begin at 0, 4, 8 s -> the third epoch
+    assert [r["stage"] for r in straight.history] == [1, 1, 2]
+    assert straight.history[-1]["lr"] == pytest.approx(0.003)
+    assert "stage two from epoch 2 (8 s of the 10 s budget)" in (tmp_path / "straight" / "train.log").read_text()
+
+    # interrupted in the middle of epoch 2 (after its step-2 checkpoint) and resumed: the
+    # elapsed time comes back from the checkpoint, so the stages and the stop are the same
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(event, state):
+        if event == "step_end" and state["epoch"] == 1 and state["step"] == 3:
+            raise Interrupt
+
+    cfg = _budget_config(dataset, tmp_path / "killed", stage_two=stage_two)
+    with pytest.raises(Interrupt):
+        trainer.train(cfg, model_factory=toy_model.build_toy_model, callbacks=[interrupt],
+                      checkpoint_steps=2)
+    clock.now += 500.0  # wall time while the run was down does not count
+    resumed = trainer.train(cfg, model_factory=toy_model.build_toy_model, checkpoint_steps=2, resume=True)
+    assert [r["stage"] for r in resumed.history] == [1, 1, 2]
+    assert [r["time_s"] for r in resumed.history] == [4.0, 4.0, 4.0]
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]

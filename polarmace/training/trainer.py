@@ -390,6 +390,21 @@ def stage_two_start(tcfg: Mapping[str, Any], epochs: int) -> Optional[int]:
     return None
 
 
+def stage_two_time(tcfg: Mapping[str, Any]) -> Optional[float]:
+    """Training time (s) after which stage two starts: stage_two.start_fraction × max_time when
+    both are set (and no start_epoch), else None."""
+    st = tcfg.get("stage_two") or {}
+    if tcfg.get("max_time") is None or st.get("start_fraction") is None or st.get("start_epoch") is not None:
+        return None
+    return float(st["start_fraction"]) * float(tcfg["max_time"])
+
+
+def training_time(history: Sequence[Mapping[str, Any]]) -> float:
+    """Training wall time so far (s): the sum of the epoch times (steps + validation) in the
+    history, which checkpoints carry, so it survives resumes."""
+    return float(sum(float(row.get("time_s", 0.0)) for row in history))
+
+
 def stage_weights(tcfg: Mapping[str, Any], stage: int) -> Dict[str, float]:
     weights = {t: float(v) for t, v in (tcfg.get("loss_weights") or tcfg.get("weights") or {}).items()
                if t in TERMS and v is not None}
@@ -605,6 +620,10 @@ def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = 
     every K optimiser steps inside an epoch (with the step-in-epoch, so that a resumed run
     retraces the uninterrupted one). `callbacks` are called as cb(event, state) with the events
     "step_end" and "epoch_end".
+
+    With ``training.max_time`` (s) the run stops after the epoch during which the summed epoch
+    times (:func:`training_time`, carried by checkpoints) pass the budget and then finishes as
+    after its last epoch (best/EMA weights, final model, metrics on every split).
     """
     cfg = resolve_config(config, overrides)
     explicit = explicit_loss_terms(config, overrides)
@@ -656,7 +675,7 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
         model_cfg["model"]["e0s"] = stats["e0s"]
         if model_cfg["model"].get("avg_num_neighbors") is None:
             model_cfg["model"]["avg_num_neighbors"] = stats["avg_num_neighbors"]
-        for key in ("epochs", "patience", "eval_interval"):  # run-length keys may change on resume
+        for key in ("epochs", "patience", "eval_interval", "max_time"):  # run-length keys may change on resume
             model_cfg["training"][key] = cfg["training"].get(key)
     epochs = int(cfg["training"].get("epochs") or 1)
     model_cfg["training"]["epochs"] = epochs
@@ -720,6 +739,8 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
     patience = tcfg.get("patience")
     eval_interval = int(tcfg.get("eval_interval", 1) or 1)
     s2 = stage_two_start(tcfg, epochs)
+    max_time = float(tcfg["max_time"]) if tcfg.get("max_time") is not None else None
+    s2_time = stage_two_time(tcfg)
     ckpt_every = checkpoint_steps
     make_plots = bool(ocfg.get("plots", True)) and info.is_main
     data_seed = int(dcfg.get("seed", 1) if dcfg.get("seed") is not None else seed)
@@ -739,16 +760,20 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
     header_printed = False
     epoch = start_epoch
     while epoch < epochs and not finished:
-        stage = 2 if (s2 is not None and epoch >= s2) else 1
+        elapsed = training_time(history)
+        stage = 2 if ((s2 is not None and epoch >= s2) or (s2_time is not None and elapsed >= s2_time)) else 1
         loss_fn.set_weights(stage_weights(tcfg, stage))
-        if stage == 2 and epoch == s2 and start_step == 0 and not partial.get("stage_two_applied"):
+        entering = stage == 2 and (not history or int(history[-1].get("stage", 1)) != 2)
+        if entering and start_step == 0 and not partial.get("stage_two_applied"):
             lr2 = (tcfg.get("stage_two") or {}).get("lr")
             if lr2 is not None:
                 for g in optimizer.param_groups:
                     g["lr"] = float(lr2)
             best, since_best = math.inf, 0
             if info.is_main:
-                log.info("stage two from epoch %d: loss weights %s%s", epoch, loss_fn.describe(),
+                log.info("stage two from epoch %d%s: loss weights %s%s", epoch,
+                         f" ({elapsed:.0f} s of the {max_time:.0f} s budget)"
+                         if s2_time is not None and elapsed >= s2_time else "", loss_fn.describe(),
                          f", lr {float(lr2):.3g}" if lr2 is not None else "")
         batches = epoch_batches(len(data.train), batch_size, data_seed, epoch, True, atoms_per_config,
                                 int(max_atoms) if max_atoms else None)
@@ -790,7 +815,10 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
         for k, v in train_acc.compute().items():
             if k != "loss":
                 row[f"train_{k}"] = v
-        do_eval = ((epoch + 1) % eval_interval == 0) or epoch + 1 == epochs
+        # the budget is checked before validation so that the last epoch is always evaluated
+        # (rank 0's clock decides, so that data-parallel ranks stop together)
+        budget_hit = max_time is not None and ddp.broadcast_object(elapsed + (time.time() - t0) >= max_time, info)
+        do_eval = ((epoch + 1) % eval_interval == 0) or epoch + 1 == epochs or budget_hit
         metric = row["train_loss"]
         if do_eval and data.valid is not None:
             vm = evaluate(model, data.valid, loss_fn, r_max, batch_size, dtype, device, info, ema, num_workers)
@@ -804,6 +832,9 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
                 scheduler.step()
         row["lr"] = current_lr(optimizer)
         row["time_s"] = time.time() - t0
+        if max_time is not None:  # one clock for all ranks: the stage and the stop agree
+            row["time_s"] = float(ddp.broadcast_object(row["time_s"], info))
+        out_of_time = max_time is not None and elapsed + row["time_s"] >= max_time
         history.append(row)
         improved = do_eval and metric < best
         if improved:
@@ -818,13 +849,16 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
                 header_printed = True
             log.info(epoch_line(row) + ("  *" if improved else ""))
             # the learning curve costs ~1 s: drawn every 10 epochs and at the end
-            write_history(history, run_dir, make_plots and ((epoch + 1) % 10 == 0 or epoch + 1 >= epochs
+            write_history(history, run_dir, make_plots and ((epoch + 1) % 10 == 0 or epoch + 1 >= epochs or out_of_time
                                                             or (patience is not None and since_best >= int(patience))))
         stop = patience is not None and since_best >= int(patience)
         if stop and info.is_main:
             log.info("early stopping: no improvement of the %s loss for %d epochs",
                      "valid" if data.valid is not None else "train", since_best)
-        finished = stop or epoch + 1 >= epochs
+        if out_of_time and info.is_main:
+            log.info("time budget: %.1f s of training >= training.max_time %.0f s after epoch %d: stopping",
+                     elapsed + row["time_s"], max_time, epoch + 1)
+        finished = stop or out_of_time or epoch + 1 >= epochs
         checkpoint(epoch + 1, 0, {"finished": finished})
         _fire(callbacks, "epoch_end", {"epoch": epoch, "row": row, "model": model})
         epoch += 1
@@ -887,7 +921,7 @@ def _warn_config_changes(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> No
         for k in sorted(set(a) | set(b)):
             if section == "model" and k in ("elements", "e0s", "avg_num_neighbors"):
                 continue
-            if section == "training" and k in ("epochs", "patience", "eval_interval"):
+            if section == "training" and k in ("epochs", "patience", "eval_interval", "max_time"):
                 continue
             if a.get(k) != b.get(k):
                 log.warning("resume: %s.%s differs from the checkpoint (%r vs %r); the checkpoint's "

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Water IR spectrum of a trained model vs experiment (O–H stretch and H–O–H bend peaks).
+
+MD of a periodic water box with the model (Langevin NVT equilibration, then NVE production);
+every `--sample-every` steps the Born effective charges are computed and dP/dt = Σ_i Z*_i·v_i
+is stored; the IR absorption α(ω)n(ω) follows from its autocorrelation (polarmace.spectra).
+The experimental peaks are read from the Segelstein absorption of liquid water in
+../shared/datasets/water_ir_experimental (maximum of α in the same windows).
+
+    python benchmarks/water_ir.py --model runs/water_amoeba_uiq/model.pt \
+        --equil-ps 1 --prod-ps 5 --out results/water_ir
+
+Prints the peak table and writes spectrum.csv, water_ir.png and results.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+WINDOWS = {"bend": (1400.0, 1900.0), "stretch": (2800.0, 4000.0)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="trained model (.pt or .ts)")
+    p.add_argument("--structure", default=str(SHARED / "water_structures" / "liquid-64.xyz"))
+    p.add_argument("--experimental", default=str(SHARED / "water_ir_experimental"
+                                                 / "water_IR_Segelstein_alpha_200-4500.csv"))
+    p.add_argument("--temperature", type=float, default=300.0, help="K")
+    p.add_argument("--dt", type=float, default=0.5, help="time step, fs")
+    p.add_argument("--equil-ps", type=float, default=1.0)
+    p.add_argument("--prod-ps", type=float, default=5.0)
+    p.add_argument("--sample-every", type=int, default=4, help="steps between BEC samples")
+    p.add_argument("--eps-infty", type=float, default=None, help="scale BEC by √ε∞ (e.g. 1.78)")
+    p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("results/water_ir"))
+    return p.parse_args(argv)
+
+
+def experimental_peaks(path: str) -> dict:
+    """Peak positions (cm⁻¹) of the measured absorption coefficient α in each window."""
+    data = np.loadtxt(path, delimiter=",", comments="#")
+    nu, alpha = data[:, 0], data[:, 3]
+    out = {}
+    for name, (lo, hi) in WINDOWS.items():
+        sel = (nu >= lo) & (nu <= hi)
+        out[name] = float(nu[sel][np.argmax(alpha[sel])])
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ase.io
+    import torch
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+    from tqdm import tqdm
+
+    from polarmace.calculator import PolarMACECalculator
+    from polarmace.spectra import dipole_derivative, ir_spectrum
+
+    torch.set_num_threads(args.threads)
+    atoms = ase.io.read(args.structure, index=-1)
+    atoms.pbc = True
+    calc = PolarMACECalculator(args.model, dtype=args.dtype, eps_infty=args.eps_infty)
+    bec_calc = PolarMACECalculator(args.model, dtype=args.dtype, eps_infty=args.eps_infty,
+                                   compute_bec=True)
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature,
+                                 rng=np.random.default_rng(args.seed))
+    Stationary(atoms)
+    n_equil = int(round(args.equil_ps * 1000 / args.dt))
+    n_prod = int(round(args.prod_ps * 1000 / args.dt))
+    t0 = time.perf_counter()
+    nvt = Langevin(atoms, args.dt * units.fs, temperature_K=args.temperature, friction=0.01 / units.fs,
+                   fixcm=False, rng=np.random.default_rng(args.seed + 1))
+    for _ in tqdm(range(n_equil // 100 or 1), desc="NVT equilibration (×100 steps)"):
+        nvt.run(100)
+    nve = VelocityVerlet(atoms, args.dt * units.fs)
+    dpdt, temps, etot = [], [], []
+    bar = tqdm(total=n_prod, desc="NVE production", unit="step")
+    for _ in range(n_prod // args.sample_every):
+        nve.run(args.sample_every)
+        bar.update(args.sample_every)
+        snap = atoms.copy()
+        snap.calc = bec_calc
+        bec = bec_calc.get_property("bec", snap)
+        vel = atoms.get_velocities() / (units.Ang / units.fs)  # Å/fs
+        dpdt.append(dipole_derivative(bec[None], vel[None])[0])
+        temps.append(atoms.get_temperature())
+        etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
+        if not np.isfinite(etot[-1]) or temps[-1] > 5 * args.temperature:
+            raise RuntimeError(f"MD became unstable (T = {temps[-1]:.0f} K); model not usable for IR")
+    bar.close()
+    wall = time.perf_counter() - t0
+    dt_sample = args.dt * args.sample_every
+    spec = ir_spectrum(np.array(dpdt), dt_sample, temperature=args.temperature,
+                       correction="harmonic", volume=atoms.get_volume())
+    exp = experimental_peaks(args.experimental)
+    rows = {}
+    for name, (lo, hi) in WINDOWS.items():
+        model_peak = spec.peak(lo, hi)
+        rows[name] = {"model_cm-1": model_peak, "experiment_cm-1": exp[name],
+                      "relative_error": (model_peak - exp[name]) / exp[name]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.savetxt(args.out / "spectrum.csv", np.c_[spec.frequency, spec.intensity], delimiter=",",
+               header=f"wavenumber_cm-1,intensity_{spec.unit.replace(' ', '')}")
+    _plot(args, spec, exp)
+    drift = np.polyfit(np.arange(len(etot)) * dt_sample / 1000.0, np.array(etot) / len(atoms), 1)[0]
+    return {"peaks": rows, "resolution_cm-1": spec.resolution, "wall_s": wall,
+            "mean_temperature_K": float(np.mean(temps)), "nve_drift_eV_per_atom_ps": float(drift),
+            "model": str(args.model), "prod_ps": args.prod_ps, "dt_fs": args.dt}
+
+
+def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = np.loadtxt(args.experimental, delimiter=",", comments="#")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sel = (spec.frequency > 1000) & (spec.frequency < 4500)
+    ax.plot(spec.frequency[sel], spec.intensity[sel] / spec.intensity[sel].max(), label="model")
+    sel_e = data[:, 0] > 1000
+    ax.plot(data[sel_e, 0], data[sel_e, 3] / data[sel_e, 3].max(), "k--", label="experiment (Segelstein)")
+    for name, value in exp.items():
+        ax.axvline(value, color="grey", lw=0.5)
+    ax.set_xlabel("wavenumber (cm$^{-1}$)")
+    ax.set_ylabel("normalised absorption")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "water_ir.png", dpi=150)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    res = run(args)
+    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
+    for name, row in res["peaks"].items():
+        print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "
+              f"{100 * row['relative_error']:7.1f}%")
+    print(f"grid resolution {res['resolution_cm-1']:.1f} cm⁻¹, <T> = {res['mean_temperature_K']:.0f} K, "
+          f"NVE drift {res['nve_drift_eV_per_atom_ps']:.2e} eV/atom/ps, wall {res['wall_s']:.0f} s")
+    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
