@@ -451,3 +451,18 @@ def test_max_time_moves_the_stage_two_start_to_a_fraction_of_the_budget(dataset,
     assert [r["stage"] for r in resumed.history] == [1, 1, 2]
     assert [r["time_s"] for r in resumed.history] == [4.0, 4.0, 4.0]
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+
+
+def test_a_finished_run_continues_when_resumed_with_more_epochs(dataset, tmp_path):
+    from polarmace.cli import train as train_cli
+
+    cfg = write_yaml(toy_config(dataset, tmp_path / "run"), tmp_path / "cfg.yaml")
+    factory = ["--model-factory", "toy_model:build_toy_model"]
+    assert train_cli.main([str(cfg)] + factory) == 0
+    assert len(_final_state(tmp_path / "run")[0]["history"]) == 2
+    # the same limit: nothing more to do; a raised limit: two more epochs
+    assert train_cli.main([str(cfg), "--resume"] + factory) == 0
+    assert len(_final_state(tmp_path / "run")[0]["history"]) == 2
+    assert train_cli.main([str(cfg), "--resume", "training.epochs=4"] + factory) == 0
+    state = _final_state(tmp_path / "run")[0]
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]

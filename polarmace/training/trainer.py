@@ -710,6 +710,7 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
     start_epoch, start_step = 0, 0
     history: List[Dict[str, Any]] = []
     best, since_best, finished = math.inf, 0, False
+    state_stopped_by = ""
     partial: Dict[str, Any] = {}
     if state is not None:
         model.load_state_dict(state["model"])
@@ -725,6 +726,7 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
         history = list(state.get("history", []))
         best, since_best = float(state.get("best_metric", math.inf)), int(state.get("since_best", 0))
         finished = bool(state.get("finished", False))
+        state_stopped_by = str(state.get("stopped_by", "epochs"))
         partial = state.get("partial") or {}
         set_rng_state(state["rng"])
         if info.is_main:
@@ -740,6 +742,10 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
     eval_interval = int(tcfg.get("eval_interval", 1) or 1)
     s2 = stage_two_start(tcfg, epochs)
     max_time = float(tcfg["max_time"]) if tcfg.get("max_time") is not None else None
+    if finished and _extended(state_stopped_by, epochs, max_time, start_epoch, history):
+        finished = False
+        if info.is_main:
+            log.info("resuming a finished run: training.epochs/max_time now allow more training")
     s2_time = stage_two_time(tcfg)
     ckpt_every = checkpoint_steps
     make_plots = bool(ocfg.get("plots", True)) and info.is_main
@@ -859,12 +865,24 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
             log.info("time budget: %.1f s of training >= training.max_time %.0f s after epoch %d: stopping",
                      elapsed + row["time_s"], max_time, epoch + 1)
         finished = stop or out_of_time or epoch + 1 >= epochs
-        checkpoint(epoch + 1, 0, {"finished": finished})
+        reason = "patience" if stop else ("time" if out_of_time else "epochs")
+        checkpoint(epoch + 1, 0, {"finished": finished, "stopped_by": reason})
         _fire(callbacks, "epoch_end", {"epoch": epoch, "row": row, "model": model})
         epoch += 1
 
     return _finish(model, ema, data, loss_fn, cfg, model_cfg, run_dir, history, r_max, batch_size,
                    dtype, device, info, num_workers)
+
+
+def _extended(stopped_by: str, epochs: int, max_time: Optional[float], start_epoch: int,
+              history: List[Dict[str, Any]]) -> bool:
+    """Whether a run that finished may go on: its epoch or time limit was raised on resume.
+    Early stopping (patience) stays final."""
+    if stopped_by == "patience" or start_epoch >= epochs:
+        return False
+    if stopped_by == "time":
+        return max_time is None or training_time(history) < max_time
+    return True
 
 
 def _save_best(model, ema, run_dir: Path, epoch: int, metric: float) -> None:
