@@ -49,8 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def experimental_peaks(path: str) -> dict:
     """Peak positions (cm⁻¹) of the measured absorption coefficient α in each window."""
-    data = np.loadtxt(path, delimiter=",", comments="#")
-    nu, alpha = data[:, 0], data[:, 3]
+    from polarmace.cli.spectra import read_curve
+
+    nu, alpha = read_curve(path, "0,3")
     out = {}
     for name, (lo, hi) in WINDOWS.items():
         sel = (nu >= lo) & (nu <= hi)
@@ -129,12 +130,14 @@ def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = np.loadtxt(args.experimental, delimiter=",", comments="#")
+    from polarmace.cli.spectra import read_curve
+
+    nu, alpha = read_curve(args.experimental, "0,3")
     fig, ax = plt.subplots(figsize=(7, 4))
     sel = (spec.frequency > 1000) & (spec.frequency < 4500)
     ax.plot(spec.frequency[sel], spec.intensity[sel] / spec.intensity[sel].max(), label="model")
-    sel_e = data[:, 0] > 1000
-    ax.plot(data[sel_e, 0], data[sel_e, 3] / data[sel_e, 3].max(), "k--", label="experiment (Segelstein)")
+    sel_e = nu > 1000
+    ax.plot(nu[sel_e], alpha[sel_e] / alpha[sel_e].max(), "k--", label="experiment (Segelstein)")
     for name, value in exp.items():
         ax.axvline(value, color="grey", lw=0.5)
     ax.set_xlabel("wavenumber (cm$^{-1}$)")

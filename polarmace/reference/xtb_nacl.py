@@ -23,7 +23,6 @@ subset `BEC` (N×9, row-major [a, b]) and info `polarizability` (9 values, Å³)
 
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 import os
@@ -250,23 +249,10 @@ def _pair_distances(positions: np.ndarray) -> np.ndarray:
 
 
 def _read_frames(path: Path) -> List[Atoms]:
-    """Every complete frame of an extxyz file; a torn last frame (killed writer) is ignored."""
+    """Every frame of a chunk file (complete by construction: see `_write_chunk`)."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines(keepends=True)
-    end, start = 0, 0
-    while start < len(lines):
-        head = lines[start].strip()
-        if not head.isdigit():
-            raise ValueError(f"{path}: line {start + 1} should hold an atom count, got {head!r}")
-        stop = start + 2 + int(head)
-        if stop > len(lines) or not lines[stop - 1].endswith("\n"):
-            break
-        end, start = stop, stop
-    if end < len(lines):
-        log.warning("%s: ignoring a torn last frame (%d lines)", path, len(lines) - end)
-    frames = read(io.StringIO("".join(lines[:end])), index=":", format="extxyz") if end else []
-    return [_labels_from_calc(atoms) for atoms in frames]
+    return [_labels_from_calc(atoms) for atoms in read(path, index=":", format="extxyz")]
 
 
 def _labels_from_calc(atoms: Atoms) -> Atoms:
@@ -342,7 +328,7 @@ def _run_stage(kind: str, plan: NaClPlan, count: int, sizes: Sequence[int], chun
         for job in todo:
             bar.update(_run_chunk(job))
     bar.close()
-    log.info("%s chunks done: %d frames", kind, sum(len(_read_frames(p)) for p in paths))
+    log.info("%s chunks done: %d frames", kind, sum(sizes))
 
 
 def _test_chunks(plan: NaClPlan, n: int, size: int = 25) -> List[np.ndarray]:
