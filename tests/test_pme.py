@@ -434,6 +434,104 @@ def test_order_checks():
 
 
 # ------------------------------------------------------------------------------------------------
+# building blocks: spline table, symmetric convolution, site sorting, influence cache
+# ------------------------------------------------------------------------------------------------
+def _cardinal_bspline(order, x):
+    """M_n(x) by the Cox–de Boor recursion M_p(x) = [x M_{p−1}(x) + (p − x) M_{p−1}(x − 1)]/(p − 1)."""
+    if order == 1:
+        return np.where((x >= 0.0) & (x < 1.0), 1.0, 0.0)
+    return (x * _cardinal_bspline(order - 1, x)
+            + (order - x) * _cardinal_bspline(order - 1, x - 1.0)) / (order - 1)
+
+
+def _cardinal_bspline_derivative(order, x, d):
+    """d-th derivative from M_n' (x) = M_{n−1}(x) − M_{n−1}(x − 1), applied d times."""
+    if d == 0:
+        return _cardinal_bspline(order, x)
+    return (_cardinal_bspline_derivative(order - 1, x, d - 1)
+            - _cardinal_bspline_derivative(order - 1, x - 1.0, d - 1))
+
+
+@pytest.mark.parametrize("order", [3, 5, 8, 10, 12])
+def test_bspline_table_matches_recursion(order):
+    from polarmace.electrostatics.pme import _bspline_table
+
+    w = np.random.default_rng(order).random(64)
+    nderiv = min(order, 5)
+    table = _bspline_table(t64(w), order, nderiv).numpy()  # [64, nderiv+1, order]
+    for d in range(nderiv + 1):
+        for j in range(order):
+            ref = _cardinal_bspline_derivative(order, w + j, d) if d < order else 0.0 * w
+            np.testing.assert_allclose(table[:, d, j], ref, rtol=0, atol=1e-12 * max(1.0, np.abs(ref).max()))
+    # partition of unity and float32 agreement
+    np.testing.assert_allclose(table[:, 0].sum(1), 1.0, atol=1e-14)
+    t32 = _bspline_table(t64(w).float(), order, nderiv).double().numpy()
+    assert np.abs(t32 - table).max() < 1e-5
+
+
+def test_symmetric_convolution_is_its_own_adjoint():
+    """The custom backward (one more convolution) equals autograd through the FFTs, to second
+    order (a force-trained loss differentiates the convolution twice)."""
+    from polarmace.electrostatics.pme import _SymmetricConvolution, _convolve_fft, influence_function
+
+    mesh = [6, 5, 8]  # odd and even sizes (Nyquist planes)
+    infl = influence_function(t64(CELLS["triclinic"])[None], BETA, mesh, 6)
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.randn(6 * 5 * 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(6 * 5 * 8, generator=gen, dtype=torch.float64)
+    ours = _SymmetricConvolution.apply(grid, infl, mesh)
+    plain = _convolve_fft(grid, infl, mesh)
+    scale = float(plain.abs().max())
+    assert torch.allclose(ours, plain, rtol=0, atol=1e-14 * scale)
+    g_ours = torch.autograd.grad((ours * probe).sum(), grid, create_graph=True)[0]
+    g_plain = torch.autograd.grad((plain * probe).sum(), grid, create_graph=True)[0]
+    assert torch.allclose(g_ours, g_plain, rtol=0, atol=1e-14 * float(g_plain.abs().max()))
+    assert torch.autograd.gradcheck(lambda g: _SymmetricConvolution.apply(g, infl, mesh), (grid,))
+    assert torch.autograd.gradgradcheck(lambda g: _SymmetricConvolution.apply(g, infl, mesh) ** 2, (grid,))
+
+
+def test_sorted_and_unsorted_sites_agree(monkeypatch):
+    """Large meshes sort the sites along the mesh (cache locality); the result and the forces do
+    not depend on it."""
+    from polarmace.electrostatics import pme
+
+    cell = CELLS["left"]
+    pos, q, mu, th = random_system(40, cell, seed=9)
+
+    def fields_and_forces():
+        p = t64(pos).requires_grad_(True)
+        phi, field, grad = pme_site_fields(p, torch.zeros(40, dtype=torch.long), t64(cell)[None],
+                                           t64(q), t64(mu), t64(th), BETA, [20, 18, 24], 8, True)
+        u = 0.5 * ((t64(q) * phi).sum() - (t64(mu) * field).sum() - 0.5 * (t64(th) * grad).sum())
+        return phi, field, grad, torch.autograd.grad(u, p)[0]
+
+    monkeypatch.setattr(pme, "_sort_mesh_points", lambda: 10 ** 9)
+    unsorted = fields_and_forces()
+    monkeypatch.setattr(pme, "_sort_mesh_points", lambda: 0)
+    sorted_ = fields_and_forces()
+    for a, b in zip(unsorted, sorted_):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_influence_cache_follows_the_cell():
+    """At fixed cell the influence table is reused; a changed cell or a cell under autograd
+    gets its own (checked against the uncached evaluation)."""
+    from polarmace.electrostatics.pme import _influence_uncached, influence_function
+
+    mesh = [12, 10, 14]
+    for name in CELLS:
+        cell = t64(CELLS[name])[None]
+        ref = _influence_uncached(cell, BETA, mesh, 8)
+        assert torch.equal(influence_function(cell, BETA, mesh, 8), ref)
+        strained = cell * 1.01
+        assert torch.equal(influence_function(strained, BETA, mesh, 8),
+                           _influence_uncached(strained, BETA, mesh, 8))
+        with_grad = cell.clone().requires_grad_(True)
+        table = influence_function(with_grad, BETA, mesh, 8)
+        assert table.requires_grad and torch.allclose(table, ref, rtol=1e-14, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
 # timing (run with -m slow -s to see the numbers)
 # ------------------------------------------------------------------------------------------------
 def _water_density_system(n, seed=0, dtype=torch.float64):

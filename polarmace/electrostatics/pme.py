@@ -55,7 +55,7 @@ most demanding sources (they spread with second spline derivatives); use order 8
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -91,8 +91,73 @@ def _binomial(n: int, k: int) -> int:
     return out
 
 
+def _bspline_coefficients_uncached(order: int, nderiv: int, dtype: torch.dtype,
+                                   device: torch.device) -> Tensor:
+    """Polynomial coefficients C [order (power p), (nderiv+1)·order] of the stencil splines:
+    M_n^{(d)}(w + j) = Σ_p C[p, d·order + j] w^p for w in [0, 1).
+
+    From the closed form M_n(x) = Σ_{k≤x} (−1)^k C(n,k) (x − k)^{n−1} / (n−1)! on x = w + j
+    (only k ≤ j contribute): the coefficient of w^p is C(n−1,p) Σ_{k≤j} (−1)^k C(n,k)
+    (j−k)^{n−1−p} / (n−1)!, and the d-th derivative shifts powers down with falling factorials.
+    The sums are of integers, done exactly in int64 (orders up to 12), then scaled once.
+    """
+    n = order
+    signed_binom_n = [_binomial(n, k) * (1 - 2 * (k % 2)) for k in range(n)]
+    binom_n1 = [_binomial(n - 1, p) for p in range(n)]
+    factorial = 1
+    for a in range(2, n):
+        factorial *= a
+    ar = torch.arange(n, dtype=torch.int64, device=device)
+    j = ar.view(n, 1, 1)                          # stencil offset
+    k = ar.view(1, n, 1)                          # truncated-power term
+    p = ar.view(1, 1, n)                          # power of w
+    base = (j - k).clamp(min=0)
+    powers = torch.pow(base, (n - 1 - p).expand(n, n, n))   # 0^0 = 1
+    sb = torch.tensor(signed_binom_n, dtype=torch.int64, device=device).view(1, n, 1)
+    terms = torch.where(k <= j, sb * powers, torch.zeros_like(powers))
+    b1 = torch.tensor(binom_n1, dtype=torch.int64, device=device).view(1, n)
+    coef = (terms.sum(1) * b1).to(torch.float64) / float(factorial)   # [j, p]
+    blocks: List[Tensor] = []
+    for d in range(nderiv + 1):
+        cd = torch.zeros(n, n, dtype=torch.float64, device=device)   # [p, j]
+        if d < n:
+            falling: List[float] = []
+            for pp in range(d, n):
+                f = 1.0
+                for t in range(d):
+                    f *= float(pp - t)
+                falling.append(f)
+            scale = torch.tensor(falling, dtype=torch.float64, device=device).view(1, n - d)
+            cd[: n - d] = (coef[:, d:] * scale).t()
+        blocks.append(cd)
+    return torch.cat(blocks, dim=1).to(dtype)
+
+
+_COEFFICIENT_CACHE: Dict[Tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+@torch.jit.unused
+def _bspline_coefficients_cached(order: int, nderiv: int, dtype: torch.dtype,
+                                 device: torch.device) -> Tensor:
+    key = (order, nderiv, dtype, device)
+    coef = _COEFFICIENT_CACHE.get(key)
+    if coef is None:
+        coef = _bspline_coefficients_uncached(order, nderiv, dtype, device)
+        _COEFFICIENT_CACHE[key] = coef
+    return coef
+
+
+def _bspline_coefficients(order: int, nderiv: int, dtype: torch.dtype,
+                          device: torch.device) -> Tensor:
+    """`_bspline_coefficients_uncached`, memoised in eager mode (a TorchScript program
+    recomputes the small table, about twenty tensor operations)."""
+    if torch.jit.is_scripting():
+        return _bspline_coefficients_uncached(order, nderiv, dtype, device)
+    return _bspline_coefficients_cached(order, nderiv, dtype, device)
+
+
 def _bspline_table(w: Tensor, order: int, nderiv: int) -> Tensor:
-    """Cardinal B-spline values and derivatives on the stencil (plain tensor arithmetic).
+    """Cardinal B-spline values and derivatives on the stencil.
 
     Args:
         w: fractional part of the mesh coordinate, any shape S, values in [0, 1).
@@ -104,56 +169,18 @@ def _bspline_table(w: Tensor, order: int, nderiv: int) -> Tensor:
         Tensor of shape S + [nderiv+1, order] with [..., d, j] = M_n^{(d)}(w + j), i.e. the
         weight of mesh point floor(u) − j.
 
-    Recursion M_p(x) = [x M_{p−1}(x) + (p − x) M_{p−1}(x − 1)]/(p − 1), M_1 = 1 on [0, 1), and
-    M_n^{(d)}(x) = Σ_t (−1)^t C(d, t) M_{n−d}(x − t). Kept as Python lists of S-shaped tensors
-    (cache-sized elementwise operations, no padding copies).
+    One matrix product of the powers w^0 … w^(n−1) with the constant coefficient matrix of
+    `_bspline_coefficients` (a handful of operations whatever the order: at small sizes the
+    per-operation overhead of a recursion dominated the whole PME call).
     """
-    arr: List[Tensor] = [torch.ones_like(w)]  # arr[j] = M_p(w + j), j = 0 .. p−1
-    tables: List[List[Tensor]] = []
-    if order - nderiv <= 1:
-        tables.append(arr)
-    for p in range(2, order + 1):
-        inv = 1.0 / float(p - 1)
-        new: List[Tensor] = []
-        for j in range(p):
-            if j == 0:
-                val = w * arr[0]
-            elif j == p - 1:
-                val = (float(p - j) - w) * arr[j - 1]
-            else:
-                val = (w + float(j)) * arr[j] + (float(p - j) - w) * arr[j - 1]
-            new.append(val * inv)
-        arr = new
-        if p >= order - nderiv:
-            tables.append(arr)
-    # tables[-1] = M_n, tables[-1-d] = M_{n−d} (length n − d)
-    zero = torch.zeros_like(w)
-    out: List[Tensor] = []
-    for d in range(nderiv + 1):
-        if d >= order:
-            for j in range(order):
-                out.append(zero)
-            continue
-        base = tables[len(tables) - 1 - d]
-        for j in range(order):
-            acc = zero
-            first = True
-            for t in range(d + 1):
-                jj = j - t
-                if jj < 0 or jj >= order - d:
-                    continue
-                coeff = float(_binomial(d, t))
-                if t % 2 == 1:
-                    coeff = -coeff
-                term = base[jj] if coeff == 1.0 else coeff * base[jj]
-                if first:
-                    acc = term
-                    first = False
-                else:
-                    acc = acc + term
-            out.append(acc)
+    coef = _bspline_coefficients(order, nderiv, w.dtype, w.device)
+    flat = w.reshape(-1, 1)
+    cols: List[Tensor] = [torch.ones_like(flat), flat]
+    for _ in range(2, order):
+        cols.append(cols[-1] * flat)
+    powers = torch.cat(cols[:order], dim=1)                    # [S, n]
     shape = list(w.shape) + [nderiv + 1, order]
-    return torch.stack(out, dim=-1).view(shape)
+    return torch.mm(powers, coef).view(shape)
 
 
 def _splines(w: Tensor, order: int, nderiv: int) -> Tensor:
@@ -183,9 +210,9 @@ def bspline_moduli(size: int, order: int, dtype: torch.dtype = torch.float64,
                    device: Optional[torch.device] = None) -> Tensor:
     """|b(m)|² for m = 0 .. size−1 (Essmann eq. 4.4); entries with a vanishing denominator
     (m = K/2 for odd orders) are returned as 0 (those frequencies are excluded anyway)."""
-    w = torch.zeros(1, dtype=torch.float64, device=device)
-    mn = _bspline_table(w, order, 0)[0, 0]  # M_n(j), j = 0..n−1
-    k = torch.arange(order - 1, dtype=torch.float64, device=device)
+    dev = device if device is not None else torch.device("cpu")
+    mn = _bspline_coefficients(order, 0, torch.float64, dev)[0]  # M_n(j) = C[w^0, j]
+    k = torch.arange(order - 1, dtype=torch.float64, device=dev)
     vals = mn[1:order]  # M_n(k+1), k = 0..n−2
     m = torch.arange(size, dtype=torch.float64, device=device)
     arg = 2.0 * math.pi * m.unsqueeze(1) * k.unsqueeze(0) / float(size)
@@ -206,27 +233,53 @@ def _signed_freq(size: int, dtype: torch.dtype, device: torch.device) -> Tuple[T
     return signed.to(dtype), keep
 
 
-def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
-    """θ(m) on the rfft half-spectrum, [B, K1, K2, K3//2+1], including the 1/(ε0 V) factor.
-
-    Differentiable with respect to the cell. k² = Σ_cd g_cd m_c m_d with the reciprocal metric
-    g = (2π)² cell⁻¹ cell⁻ᵀ is assembled from K1×K2 partial sums (few full-mesh operations)."""
+def _mesh_factors_uncached(mesh: List[int], order: int, dtype: torch.dtype,
+                           device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cell-independent parts of θ(m): signed frequencies m1 [K1], m2 [K2], |m3| [K3//2+1] and
+    the B-spline moduli product |b1 b2|² [K1,K2] · |b3|² [K3//2+1], zero on the Nyquist planes."""
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
-    dtype = cell.dtype
-    device = cell.device
-    nb = cell.shape[0]
-    inv = torch.linalg.inv(cell)  # [B,3,3]
-    recip = 2.0 * math.pi * inv.transpose(1, 2)  # rows b_c: k = Σ_c m_c b_c
-    g = recip @ recip.transpose(1, 2)  # [B,3,3] b_c·b_d
-    volume = torch.abs(torch.linalg.det(cell))  # [B]
-
     m1, keep1 = _signed_freq(k1, dtype, device)
     m2, keep2 = _signed_freq(k2, dtype, device)
     m3full, keep3full = _signed_freq(k3, dtype, device)
     h3 = k3 // 2 + 1
-    m3 = m3full[:h3].abs()
-    keep3 = keep3full[:h3]
+    b1 = torch.where(keep1, bspline_moduli(k1, order, dtype, device), torch.zeros(k1, dtype=dtype, device=device))
+    b2 = torch.where(keep2, bspline_moduli(k2, order, dtype, device), torch.zeros(k2, dtype=dtype, device=device))
+    b3 = torch.where(keep3full[:h3], bspline_moduli(k3, order, dtype, device)[:h3],
+                     torch.zeros(h3, dtype=dtype, device=device))
+    return m1, m2, m3full[:h3].abs(), b1.view(k1, 1) * b2.view(1, k2), b3
 
+
+_FACTOR_CACHE: Dict[Tuple[int, int, int, int, torch.dtype, torch.device], Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+_INFLUENCE_CACHE: Dict[Tuple[bytes, float, int, int, int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+@torch.jit.unused
+def _mesh_factors_cached(mesh: List[int], order: int, dtype: torch.dtype, device: torch.device
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    key = (int(mesh[0]), int(mesh[1]), int(mesh[2]), order, dtype, device)
+    if key not in _FACTOR_CACHE:
+        if len(_FACTOR_CACHE) > 32:
+            _FACTOR_CACHE.clear()
+        _FACTOR_CACHE[key] = _mesh_factors_uncached(mesh, order, dtype, device)
+    return _FACTOR_CACHE[key]
+
+
+def _mesh_factors(mesh: List[int], order: int, dtype: torch.dtype, device: torch.device
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return _mesh_factors_uncached(mesh, order, dtype, device)
+    return _mesh_factors_cached(mesh, order, dtype, device)
+
+
+def _influence_uncached(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
+    k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
+    nb = cell.shape[0]
+    h3 = k3 // 2 + 1
+    m1, m2, m3, b12, b3 = _mesh_factors(mesh, order, cell.dtype, cell.device)
+    inv = torch.linalg.inv(cell)  # [B,3,3]
+    recip = 2.0 * math.pi * inv.transpose(1, 2)  # rows b_c: k = Σ_c m_c b_c
+    g = recip @ recip.transpose(1, 2)  # [B,3,3] b_c·b_d
+    volume = torch.abs(torch.linalg.det(cell))  # [B]
     a = m1.view(1, k1, 1)
     b = m2.view(1, 1, k2)
     gb = g.view(nb, 9, 1, 1)
@@ -238,28 +291,73 @@ def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -
     c = m3.view(1, 1, 1, h3)
     ksq = (t12.unsqueeze(-1) + l12.unsqueeze(-1) * c) + gb[:, 8].view(nb, 1, 1, 1) * (c * c)
     ksq[:, 0, 0, 0] = 1e30  # in place on a fresh intermediate: autograd-safe (CopySlices)
-    # B-spline moduli, zero on the Nyquist planes, with 1/(ε0 V) folded into the K1×K2 factor
-    zero1 = torch.zeros(k1, dtype=dtype, device=device)
-    zero2 = torch.zeros(k2, dtype=dtype, device=device)
-    zero3 = torch.zeros(h3, dtype=dtype, device=device)
-    b1 = torch.where(keep1, bspline_moduli(k1, order, dtype, device), zero1)
-    b2 = torch.where(keep2, bspline_moduli(k2, order, dtype, device), zero2)
-    b3 = torch.where(keep3, bspline_moduli(k3, order, dtype, device)[:h3], zero3)
-    b12 = (b1.view(1, k1, 1) * b2.view(1, 1, k2)) / (_eps0() * volume.view(nb, 1, 1))
-    pref = b12.unsqueeze(-1) * b3.view(1, 1, 1, h3)
+    # B-spline moduli (zero on the Nyquist planes) with 1/(ε0 V) folded into the K1×K2 factor
+    pref = (b12 / (_eps0() * volume.view(nb, 1, 1))).unsqueeze(-1) * b3.view(1, 1, 1, h3)
     return torch.exp(ksq * (-0.25 / (beta * beta))) * (pref / ksq)
+
+
+@torch.jit.unused
+def _influence_cached(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
+    key = (cell.detach().cpu().numpy().tobytes(), float(beta), int(mesh[0]), int(mesh[1]),
+           int(mesh[2]), order, cell.dtype, cell.device)
+    if key not in _INFLUENCE_CACHE:
+        if len(_INFLUENCE_CACHE) > 8:
+            _INFLUENCE_CACHE.clear()
+        _INFLUENCE_CACHE[key] = _influence_uncached(cell.detach(), beta, mesh, order)
+    return _INFLUENCE_CACHE[key]
+
+
+def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
+    """θ(m) on the rfft half-spectrum, [B, K1, K2, K3//2+1], including the 1/(ε0 V) factor.
+
+    Differentiable with respect to the cell. k² = Σ_cd g_cd m_c m_d with the reciprocal metric
+    g = (2π)² cell⁻¹ cell⁻ᵀ is assembled from K1×K2 partial sums (few full-mesh operations).
+    In eager mode a cell that needs no gradient (MD and inference at fixed cell) reuses the
+    table of the last few cells; the cell-independent factors are always reused."""
+    if torch.jit.is_scripting() or cell.requires_grad:
+        return _influence_uncached(cell, beta, mesh, order)
+    return _influence_cached(cell, beta, mesh, order)
 
 
 # --------------------------------------------------------------------------------------------
 # Spreading / convolution / gathering
 # --------------------------------------------------------------------------------------------
+def _sort_mesh_points() -> int:
+    """Meshes up to this many points (≈ 2 MB in float64) stay in cache: sorting the sites
+    along the mesh for locality of the scatter/gather only costs time there (a function:
+    TorchScript cannot read module-level ints)."""
+    return 1 << 18
+
+
+def _mesh_order(positions: Tensor, batch: Tensor, inv: Tensor, mesh: List[int],
+                order: int) -> Tensor:
+    """Permutation [N] that puts the sites in mesh-block order (blocks of order³ mesh cells:
+    the stencils of a block share most of their mesh points)."""
+    k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
+    device = positions.device
+    kvec = torch.tensor([float(k1), float(k2), float(k3)], dtype=positions.dtype, device=device)
+    with torch.no_grad():
+        s0 = torch.bmm(positions.unsqueeze(1), inv[batch]).squeeze(1)
+        ib0 = torch.floor((s0 - torch.floor(s0)) * kvec).to(torch.long)
+        ib0 = torch.minimum(ib0, torch.tensor([k1 - 1, k2 - 1, k3 - 1], device=device))
+        bs = order
+        n1 = (k1 + bs - 1) // bs
+        n2 = (k2 + bs - 1) // bs
+        n3 = (k3 + bs - 1) // bs
+        key = ((batch * n1 + ib0[:, 0] // bs) * n2 + ib0[:, 1] // bs) * n3 + ib0[:, 2] // bs
+        key = (key * k1 + ib0[:, 0]) * k2 + ib0[:, 1]
+        return torch.argsort(key)
+
+
 def _stencil(positions: Tensor, batch: Tensor, cell: Tensor, mesh: List[int], order: int,
-             nderiv: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sites sorted along the mesh, their spline tables, mesh indices and chain-rule matrices.
+             nderiv: int) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Sites (sorted along a large mesh), their spline tables, mesh indices and chain-rule
+    matrices.
 
     Returns:
-        perm [N]: sites in mesh-block order (cache locality of the scatter/gather; per-site
-            inputs and outputs are permuted with it),
+        perm [N] or None: sites in mesh-block order, for cache locality of the scatter/gather on
+            meshes larger than `_sort_mesh_points()` (per-site inputs and outputs are permuted
+            with it); None: input order,
         table [3, N, nderiv+1, order] (sorted sites): M^{(d)}(w_c + j) along each lattice axis c,
         idx [N, order, order, order] (sorted sites): flat batched mesh index of every stencil
             point (int32 when the batched mesh allows it),
@@ -270,20 +368,13 @@ def _stencil(positions: Tensor, batch: Tensor, cell: Tensor, mesh: List[int], or
     device = positions.device
     kvec = torch.tensor([float(k1), float(k2), float(k3)], dtype=dtype, device=device)
     inv = torch.linalg.inv(cell)  # [B,3,3]
-    # integer mesh cell of every site (no gradient) → spatial sort
-    with torch.no_grad():
-        s0 = torch.bmm(positions.unsqueeze(1), inv[batch]).squeeze(1)
-        ib0 = torch.floor((s0 - torch.floor(s0)) * kvec).to(torch.long)
-        ib0 = torch.minimum(ib0, torch.tensor([k1 - 1, k2 - 1, k3 - 1], device=device))
-        bs = order  # blocks of order³ mesh cells: stencils of a block share most mesh points
-        n1 = (k1 + bs - 1) // bs
-        n2 = (k2 + bs - 1) // bs
-        n3 = (k3 + bs - 1) // bs
-        key = ((batch * n1 + ib0[:, 0] // bs) * n2 + ib0[:, 1] // bs) * n3 + ib0[:, 2] // bs
-        key = (key * k1 + ib0[:, 0]) * k2 + ib0[:, 1]
-        perm = torch.argsort(key)
-    pos = positions.index_select(0, perm)
-    bat = batch.index_select(0, perm)
+    perm: Optional[Tensor] = None
+    pos = positions
+    bat = batch
+    if cell.shape[0] * k1 * k2 * k3 > _sort_mesh_points():
+        perm = _mesh_order(positions, batch, inv, mesh, order)
+        pos = positions.index_select(0, perm)
+        bat = batch.index_select(0, perm)
     inv_n = inv.index_select(0, bat)  # [N,3,3]
     sfrac = torch.bmm(pos.unsqueeze(1), inv_n).squeeze(1)
     sfrac = sfrac - torch.floor(sfrac).detach()  # wrap into [0, 1): better float32 precision
@@ -358,13 +449,47 @@ def _spread(coef: Tensor, table: Tensor, idx: Tensor, nmesh_total: int, chunk_si
     return grid
 
 
-def _convolve(grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
+def _convolve_fft(grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
     g = grid.view(-1, k1, k2, k3)
     spec = torch.fft.rfftn(g, dim=[1, 2, 3])
     # Σ_m θ(m) F[Q](m) e^{+2πi m·l/K} = K1K2K3 · ifft(θ·fft Q): irfftn with norm="forward"
     pot = torch.fft.irfftn(spec * infl, s=[k1, k2, k3], dim=[1, 2, 3], norm="forward")
     return pot.reshape(-1)
+
+
+class _SymmetricConvolution(torch.autograd.Function):
+    """Q ↦ φ_mesh for a fixed (cell-independent-of-autograd) influence function.
+
+    θ is real and even (the Nyquist planes are zeroed), so the circulant operator is symmetric
+    and its adjoint is itself: the backward pass is one more forward convolution. Autograd's
+    own backward of rfftn pads the half spectrum and runs a full complex transform, about
+    twice the cost. The backward calls this Function again, so it differentiates any number
+    of times (force-trained losses)."""
+
+    @staticmethod
+    def forward(ctx, grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
+        ctx.save_for_backward(infl)
+        ctx.mesh = mesh
+        return _convolve_fft(grid, infl, mesh)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (infl,) = ctx.saved_tensors
+        return _SymmetricConvolution.apply(grad, infl, ctx.mesh), None, None
+
+
+@torch.jit.unused
+def _convolve_symmetric(grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
+    return _SymmetricConvolution.apply(grid, infl, mesh)
+
+
+def _convolve(grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
+    """φ_mesh = Q ⊛ ψ on the flat batched mesh. A cell under autograd (stress) needs ∂θ and
+    takes the plain autograd path; TorchScript cannot run custom autograd Functions."""
+    if torch.jit.is_scripting() or infl.requires_grad or not grid.requires_grad:
+        return _convolve_fft(grid, infl, mesh)
+    return _convolve_symmetric(grid, infl, mesh)
 
 
 def _gather(pot: Tensor, table: Tensor, idx: Tensor, dmax: int) -> Tensor:
@@ -403,7 +528,7 @@ def _check(order: int, mu: Optional[Tensor], theta: Optional[Tensor], need_gradi
 def _mesh_potential(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
                     mu: Optional[Tensor], theta: Optional[Tensor], beta: float, mesh: List[int],
                     order: int, dgather: int, chunk_size: int
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    ) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Spread the multipoles on the mesh and convolve: (perm, table, idx, tmat, grid, potential).
 
     The stencil carries spline derivatives up to max(spreading order, `dgather`).
@@ -415,13 +540,16 @@ def _mesh_potential(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     if theta is not None:
         dspread = 2
     perm, table, idx, tmat = _stencil(positions, batch, cell, mesh, order, max(dspread, dgather))
-    mu_s: Optional[Tensor] = None
-    if mu is not None:
-        mu_s = mu.index_select(0, perm)
-    theta_s: Optional[Tensor] = None
-    if theta is not None:
-        theta_s = theta.index_select(0, perm)
-    coef = _spread_coefficients(q.index_select(0, perm), mu_s, theta_s, tmat, dspread)
+    q_s = q
+    mu_s = mu
+    theta_s = theta
+    if perm is not None:
+        q_s = q.index_select(0, perm)
+        if mu is not None:
+            mu_s = mu.index_select(0, perm)
+        if theta is not None:
+            theta_s = theta.index_select(0, perm)
+    coef = _spread_coefficients(q_s, mu_s, theta_s, tmat, dspread)
     grid = _spread(coef, table, idx, nb * mesh[0] * mesh[1] * mesh[2], chunk_size)
     infl = influence_function(cell, beta, mesh, order)
     pot = _convolve(grid, infl, mesh)
@@ -454,7 +582,6 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     perm, table, idx, tmat, grid, pot = _mesh_potential(positions, batch, cell, q, mu, theta, beta,
                                                         [k1, k2, k3], order, dgather, chunk_size)
     r = _gather(pot, table, idx, dgather)  # [N, D, D, D] (sorted sites)
-    back = _inverse_permutation(perm)
     dim = dgather + 1
     # one gather of the needed entries (cheap backward) instead of many r[:, a, b, c] selects
     if need_gradient:
@@ -465,8 +592,11 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
         flat = [0, dim * dim, dim, 1]
     sel = r.reshape(r.shape[0], dim * dim * dim).index_select(
         1, torch.tensor(flat, dtype=torch.long, device=r.device))
-    sel = sel.index_select(0, back)  # original site order
-    tmat_o = tmat.index_select(0, back)
+    tmat_o = tmat
+    if perm is not None:  # back to the input site order
+        back = _inverse_permutation(perm)
+        sel = sel.index_select(0, back)
+        tmat_o = tmat.index_select(0, back)
     phi = sel[:, 0]
     field = -torch.bmm(tmat_o, sel[:, 1:4].unsqueeze(-1)).squeeze(-1)  # E = −T ∂_uφ
     grad: Optional[Tensor] = None
