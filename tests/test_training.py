@@ -225,6 +225,19 @@ def test_two_epoch_cli_run_and_eval_with_the_toy_model(dataset, tmp_path, capsys
     assert train_cli.main([str(cfg), "--model-factory", "toy_model:build_toy_model"]) == 2
 
 
+def test_cli_missing_data_file_is_a_clean_error(dataset, tmp_path, capsys, monkeypatch):
+    from polarmace.cli import train as train_cli
+
+    cfg = toy_config(dataset, tmp_path / "run")
+    cfg["data"]["train"] = "no/such/train.xyz"
+    path = write_yaml(cfg, tmp_path / "cfg.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main([str(path), "--model-factory", "toy_model:build_toy_model"]) == 2
+    err = capsys.readouterr().err
+    assert "no/such/train.xyz" in err and str(tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "toy.model").exists()
+
+
 def test_two_epoch_cli_run_and_eval_with_polarmace(dataset, tmp_path):
     from polarmace.cli import eval as eval_cli
     from polarmace.cli import train as train_cli

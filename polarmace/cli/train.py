@@ -36,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_intermixed_args(argv)
     from polarmace.config import ConfigError
+    from polarmace.data import DataError
     from polarmace.training.trainer import train
 
     factory = _import(args.model_factory) if args.model_factory else None
@@ -47,6 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except FileExistsError as exc:
         print(f"polarmace-train: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        import os
+
+        print(f"polarmace-train: data error: {exc} (relative data paths are read from the "
+              f"current directory, {os.getcwd()})", file=sys.stderr)
         return 2
     finally:
         from polarmace.training import distributed
