@@ -449,12 +449,18 @@ def _spread(coef: Tensor, table: Tensor, idx: Tensor, nmesh_total: int, chunk_si
     return grid
 
 
-def _convolve_fft(grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
+def _convolve_fft(grid: Tensor, infl: Tensor, mesh: List[int], inplace: bool = False) -> Tensor:
+    """irfftn(θ · rfftn(Q)); `inplace` scales the spectrum in place as real pairs (no complex
+    promotion of θ; only outside autograd)."""
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
     g = grid.view(-1, k1, k2, k3)
     spec = torch.fft.rfftn(g, dim=[1, 2, 3])
+    if inplace:
+        torch.view_as_real(spec).mul_(infl.unsqueeze(-1))
+    else:
+        spec = spec * infl
     # Σ_m θ(m) F[Q](m) e^{+2πi m·l/K} = K1K2K3 · ifft(θ·fft Q): irfftn with norm="forward"
-    pot = torch.fft.irfftn(spec * infl, s=[k1, k2, k3], dim=[1, 2, 3], norm="forward")
+    pot = torch.fft.irfftn(spec, s=[k1, k2, k3], dim=[1, 2, 3], norm="forward")
     return pot.reshape(-1)
 
 
@@ -471,7 +477,7 @@ class _SymmetricConvolution(torch.autograd.Function):
     def forward(ctx, grid: Tensor, infl: Tensor, mesh: List[int]) -> Tensor:
         ctx.save_for_backward(infl)
         ctx.mesh = mesh
-        return _convolve_fft(grid, infl, mesh)
+        return _convolve_fft(grid, infl, mesh, True)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
