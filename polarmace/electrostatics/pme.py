@@ -41,7 +41,11 @@ differentiable with respect to positions, cell (stress) and the multipoles, with
 derivatives exact through third order (forces, stress, force-trained losses, Hessians; see
 `_splines`); float32 and float64 (the dtype of `positions`); batched over structures that share
 one mesh shape (one batched FFT). Cost and memory are O(N·order³) for the stencil plus
-O(K1K2K3·log) for the mesh; sites are sorted along the mesh internally for cache locality.
+O(K1K2K3·log) for the mesh; on meshes larger than the cache the sites are sorted along the
+mesh internally for locality. At a few hundred atoms per-operation overhead dominates, hence:
+spline tables from one matrix product with a closed-form coefficient table, the
+cell-independent mesh factors (and, at a fixed cell, the whole influence table) memoised in
+eager mode, and a convolution whose backward is itself (θ is real and even).
 Every cell must be non-singular (periodic structures only).
 
 Mesh choice (`choose_mesh`): the spline error at fractional frequency ξ = m_c/K_c decays like
