@@ -305,7 +305,9 @@ def _influence_cached(cell: Tensor, beta: float, mesh: List[int], order: int) ->
     key = (cell.detach().cpu().numpy().tobytes(), float(beta), int(mesh[0]), int(mesh[1]),
            int(mesh[2]), order, cell.dtype, cell.device)
     if key not in _INFLUENCE_CACHE:
-        if len(_INFLUENCE_CACHE) > 8:
+        # two entries: enough for a fixed cell (MD, inference) or two alternating ones, and a
+        # bounded memory cost when the cell changes every call (a large mesh's table is MBs)
+        if len(_INFLUENCE_CACHE) >= 2:
             _INFLUENCE_CACHE.clear()
         _INFLUENCE_CACHE[key] = _influence_uncached(cell.detach(), beta, mesh, order)
     return _INFLUENCE_CACHE[key]
@@ -317,7 +319,7 @@ def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -
     Differentiable with respect to the cell. k² = Σ_cd g_cd m_c m_d with the reciprocal metric
     g = (2π)² cell⁻¹ cell⁻ᵀ is assembled from K1×K2 partial sums (few full-mesh operations).
     In eager mode a cell that needs no gradient (MD and inference at fixed cell) reuses the
-    table of the last few cells; the cell-independent factors are always reused."""
+    table of the last two cells; the cell-independent factors are always reused."""
     if torch.jit.is_scripting() or cell.requires_grad:
         return _influence_uncached(cell, beta, mesh, order)
     return _influence_cached(cell, beta, mesh, order)
