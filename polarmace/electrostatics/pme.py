@@ -59,7 +59,7 @@ most demanding sources (they spread with second spline derivatives); use order 8
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -137,18 +137,27 @@ def _bspline_coefficients_uncached(order: int, nderiv: int, dtype: torch.dtype,
     return torch.cat(blocks, dim=1).to(dtype)
 
 
-_COEFFICIENT_CACHE: Dict[Tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+# Eager-mode memo tables (TorchScript recomputes: its callers go through torch.jit.unused).
+_COEFFICIENT_CACHE: Dict[Any, Tensor] = {}
+_FACTOR_CACHE: Dict[Any, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+_INFLUENCE_CACHE: Dict[Any, Tensor] = {}
+
+
+@torch.jit.unused
+def _memoised(cache: Dict[Any, Any], limit: int, key: Any, compute: Callable[[], Any]) -> Any:
+    """compute() for `key`, stored in `cache`, which is emptied when it holds `limit` entries."""
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.clear()
+        cache[key] = compute()
+    return cache[key]
 
 
 @torch.jit.unused
 def _bspline_coefficients_cached(order: int, nderiv: int, dtype: torch.dtype,
                                  device: torch.device) -> Tensor:
-    key = (order, nderiv, dtype, device)
-    coef = _COEFFICIENT_CACHE.get(key)
-    if coef is None:
-        coef = _bspline_coefficients_uncached(order, nderiv, dtype, device)
-        _COEFFICIENT_CACHE[key] = coef
-    return coef
+    return _memoised(_COEFFICIENT_CACHE, 64, (order, nderiv, dtype, device),
+                     lambda: _bspline_coefficients_uncached(order, nderiv, dtype, device))
 
 
 def _bspline_coefficients(order: int, nderiv: int, dtype: torch.dtype,
@@ -218,7 +227,7 @@ def bspline_moduli(size: int, order: int, dtype: torch.dtype = torch.float64,
     mn = _bspline_coefficients(order, 0, torch.float64, dev)[0]  # M_n(j) = C[w^0, j]
     k = torch.arange(order - 1, dtype=torch.float64, device=dev)
     vals = mn[1:order]  # M_n(k+1), k = 0..n−2
-    m = torch.arange(size, dtype=torch.float64, device=device)
+    m = torch.arange(size, dtype=torch.float64, device=dev)
     arg = 2.0 * math.pi * m.unsqueeze(1) * k.unsqueeze(0) / float(size)
     re = (vals * torch.cos(arg)).sum(1)
     im = (vals * torch.sin(arg)).sum(1)
@@ -253,19 +262,12 @@ def _mesh_factors_uncached(mesh: List[int], order: int, dtype: torch.dtype,
     return m1, m2, m3full[:h3].abs(), b1.view(k1, 1) * b2.view(1, k2), b3
 
 
-_FACTOR_CACHE: Dict[Tuple[int, int, int, int, torch.dtype, torch.device], Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
-_INFLUENCE_CACHE: Dict[Tuple[bytes, float, int, int, int, int, torch.dtype, torch.device], Tensor] = {}
-
-
 @torch.jit.unused
 def _mesh_factors_cached(mesh: List[int], order: int, dtype: torch.dtype, device: torch.device
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     key = (int(mesh[0]), int(mesh[1]), int(mesh[2]), order, dtype, device)
-    if key not in _FACTOR_CACHE:
-        if len(_FACTOR_CACHE) > 32:
-            _FACTOR_CACHE.clear()
-        _FACTOR_CACHE[key] = _mesh_factors_uncached(mesh, order, dtype, device)
-    return _FACTOR_CACHE[key]
+    return _memoised(_FACTOR_CACHE, 32, key,
+                     lambda: _mesh_factors_uncached(mesh, order, dtype, device))
 
 
 def _mesh_factors(mesh: List[int], order: int, dtype: torch.dtype, device: torch.device
@@ -304,13 +306,10 @@ def _influence_uncached(cell: Tensor, beta: float, mesh: List[int], order: int) 
 def _influence_cached(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
     key = (cell.detach().cpu().numpy().tobytes(), float(beta), int(mesh[0]), int(mesh[1]),
            int(mesh[2]), order, cell.dtype, cell.device)
-    if key not in _INFLUENCE_CACHE:
-        # two entries: enough for a fixed cell (MD, inference) or two alternating ones, and a
-        # bounded memory cost when the cell changes every call (a large mesh's table is MBs)
-        if len(_INFLUENCE_CACHE) >= 2:
-            _INFLUENCE_CACHE.clear()
-        _INFLUENCE_CACHE[key] = _influence_uncached(cell.detach(), beta, mesh, order)
-    return _INFLUENCE_CACHE[key]
+    # two entries: enough for a fixed cell (MD, inference) or two alternating ones, and a
+    # bounded memory cost when the cell changes every call (a large mesh's table is MBs)
+    return _memoised(_INFLUENCE_CACHE, 2, key,
+                     lambda: _influence_uncached(cell.detach(), beta, mesh, order))
 
 
 def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
