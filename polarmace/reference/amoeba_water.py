@@ -435,8 +435,7 @@ def water_box(n_molecules: int = 64, seed: int = 0, density: float = 1.0,
     """Starting box: (positions [3n, 3] Å in O H H order with whole molecules, cell [3, 3] Å).
 
     Uses `start` (default `LIQUID_64`, an extxyz with the cell) when it exists and holds
-    `n_molecules` molecules; otherwise places randomly oriented molecules (O–H 0.9572 Å, HOH
-    104.52°) on a simple-cubic grid of a cube of the given density (g/cm³), to be minimised.
+    `n_molecules` molecules; otherwise `built_water_box(n_molecules, seed, density)`.
     """
     path = Path(start) if start is not None else LIQUID_64
     if start is not None and not path.is_file():
@@ -451,6 +450,13 @@ def water_box(n_molecules: int = 64, seed: int = 0, density: float = 1.0,
             return whole_molecules(atoms.positions[order], cell), cell
         if start is not None:
             raise ValueError(f"{path} holds {len(atoms)} atoms, expected {3 * n_molecules}")
+    return built_water_box(n_molecules, seed, density)
+
+
+def built_water_box(n_molecules: int = 64, seed: int = 0, density: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+    """A box that depends only on its arguments (no file): randomly oriented molecules (O–H
+    0.9572 Å, HOH 104.52°) on a simple-cubic grid of a cube of the given density (g/cm³), to be
+    minimised. Returns (positions [3n, 3] Å in O H H order, cell [3, 3] Å)."""
     rng = np.random.default_rng(seed)
     volume = n_molecules * _WATER_MOLAR_MASS / _AVOGADRO / density * 1e24  # Å³
     length = volume ** (1.0 / 3.0)
