@@ -232,7 +232,9 @@ class PolarMACE(torch.nn.Module):
             field = graph["external_field"].to(positions.dtype)
         result = self.engine(positions, cell, graph["pbc"], q, dipoles=mu, quadrupoles=theta,
                              kappa=kappa, alpha=alpha, batch=batch, external_field=field,
-                             total_charge=total)
+                             total_charge=total,
+                             # without a response step nothing reads the site fields
+                             compute_fields=self.use_induced_charges or self.use_induced_dipoles)
         charges = result.charges
         dq = result.induced_charges
         if dq is not None:

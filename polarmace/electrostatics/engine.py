@@ -30,7 +30,7 @@ import torch
 from polarmace.units import COULOMB
 from polarmace.electrostatics.validation import validate_inputs
 from polarmace.electrostatics.response import induced_charges, induced_dipoles, segment_sum
-from polarmace.electrostatics import kernels, direct, ewald, pme
+from polarmace.electrostatics import charge_ewald, kernels, direct, ewald, pme
 
 
 class ElectrostaticsResult(NamedTuple):
@@ -163,13 +163,17 @@ class Electrostatics(torch.nn.Module):
                 quadrupoles: Optional[torch.Tensor] = None, kappa: Optional[torch.Tensor] = None,
                 alpha: Optional[torch.Tensor] = None, batch: Optional[torch.Tensor] = None,
                 external_field: Optional[torch.Tensor] = None,
-                total_charge: Optional[torch.Tensor] = None) -> ElectrostaticsResult:
+                total_charge: Optional[torch.Tensor] = None,
+                compute_fields: bool = True) -> ElectrostaticsResult:
         """Energy [B] eV, potential [N] V, field [N,3] V/Å and induced multipoles.
 
         positions [N,3] Å; cell [B,3,3] Å (rows = lattice vectors); pbc [B,3] bool;
         charges [N] e; dipoles [N,3] e·Å; quadrupoles [N,3,3] e·Å² traceless; kappa [N] e/V;
         alpha [N] or [N,3,3] e·Å²/V; batch [N] structure index (sorted);
         external_field [B,3] V/Å; total_charge [B] e (charges are shifted uniformly to match).
+        compute_fields=False (no kappa, no alpha): the energy only, from the structure factor
+        or the mesh charge of 3D-periodic batches (about half the cost, less in training);
+        potential and field then come back EMPTY ([0] and [0,3]).
         """
         if batch is None:
             batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
@@ -181,6 +185,14 @@ class Electrostatics(torch.nn.Module):
             counts = segment_sum(torch.ones_like(q), batch, num_structures).clamp(min=1.0)
             excess = (total_charge - segment_sum(q, batch, num_structures)) / counts
             q = q + excess[batch]
+        if (not compute_fields and kappa is None and alpha is None
+                and self._energy_route(positions, cell, pbc, batch, dipoles, quadrupoles)):
+            energy = self._periodic_energy(positions, cell, batch, q, dipoles, quadrupoles)
+            if not self.remove_self_interaction:
+                energy = energy + self._gaussian_self_energy(q, dipoles, quadrupoles, batch,
+                                                             num_structures)
+            return ElectrostaticsResult(energy, positions.new_zeros(0), positions.new_zeros(0, 3),
+                                        None, None, energy, torch.zeros_like(energy), q)
         need_gradient = quadrupoles is not None
         phi, field, gradient = self._site_fields(positions, cell, pbc, batch, q, dipoles,
                                                  quadrupoles, need_gradient)
@@ -320,6 +332,66 @@ class Electrostatics(torch.nn.Module):
             phi = phi + p
             field = field + f
         return phi, field, gradient
+
+    def _energy_route(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                      batch: torch.Tensor, mu: Optional[torch.Tensor],
+                      theta: Optional[torch.Tensor]) -> bool:
+        """Whether the energy alone can come from the k-space / mesh sum: every structure
+        3D periodic and no real-space part (σ > 0 with β = a)."""
+        if self.method == "direct" or positions.shape[0] == 0 or not bool(pbc.all()):
+            return False
+        order = 2 if theta is not None else (1 if mu is not None else 0)
+        return not self._split(order)[2]
+
+    def _periodic_energy(self, positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
+                         q: torch.Tensor, mu: Optional[torch.Tensor],
+                         theta: Optional[torch.Tensor]) -> torch.Tensor:
+        """Permanent energy [B] of 3D-periodic structures without site fields: the reciprocal
+        energy ½Σ_k w|S(k)|² (Ewald) or ½Σ Q·φ_mesh (PME), minus each site's self image, plus
+        the background term. Equals Σ site_energy of `_periodic_site_fields`."""
+        num_structures = cell.shape[0]
+        order = 2 if theta is not None else (1 if mu is not None else 0)
+        beta, kmax, _ = self._split(order)
+        if self._use_pme(batch, num_structures):
+            spline_order = self.pme_order
+            if spline_order <= 0:
+                largest = int(torch.bincount(batch, minlength=num_structures).max())
+                spline_order = 10 if (theta is not None and largest > 50000) else 8
+            mesh = pme.choose_mesh(cell, beta, self.accuracy, spline_order, order)
+            energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order)
+        elif self.kspace == "les":
+            kvecs, kmask = ewald.les_kvectors(cell, self.dl)
+            energy = ewald.reciprocal_energy(positions, batch, cell, q, mu, theta, beta, kvecs, kmask)
+        else:
+            kend = kmax * self.taper_width
+            kvecs, kmask = ewald.converged_kvectors(cell, kend)
+            if mu is None and theta is None and not cell.requires_grad and not torch.jit.is_scripting():
+                energy = self._charge_energy(positions, batch, cell, q, beta, kvecs, kmask, kmax, kend)
+            else:
+                energy = ewald.reciprocal_energy(positions, batch, cell, q, mu, theta, beta, kvecs,
+                                                 kmask, 0, kmax, kend)
+        # self images: ½qφ_self, −½μ·E_self, −¼Θ:G_self with the terms of _subtract_self
+        sqrt_pi = math.sqrt(math.pi)
+        c1 = self.coulomb * 4.0 * beta ** 3 / (3.0 * sqrt_pi)
+        site = -self.coulomb * beta / sqrt_pi * q * q
+        if mu is not None:
+            site = site - 0.5 * c1 * (mu * mu).sum(-1)
+        if theta is not None:
+            c2 = self.coulomb * 8.0 * beta ** 5 / (5.0 * sqrt_pi)
+            trace = theta.diagonal(dim1=-2, dim2=-1).sum(-1)
+            site = site - 0.25 * (c1 * q * trace + c2 * (theta * theta).sum((-1, -2)))
+        energy = energy + segment_sum(site, batch, num_structures)
+        volume = torch.linalg.det(cell).abs()
+        phi_bg = self._background_potential(q, batch, volume, num_structures, beta)
+        return energy + 0.5 * segment_sum(q * phi_bg, batch, num_structures)
+
+    @torch.jit.unused
+    def _charge_energy(self, positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
+                       q: torch.Tensor, beta: float, kvecs: torch.Tensor, kmask: torch.Tensor,
+                       kmax: float, kend: float) -> torch.Tensor:
+        """Charges in a cell without stress: hand-written second derivatives (training)."""
+        return charge_ewald.charge_reciprocal_energy(positions, batch, cell, q, beta, kvecs, kmask,
+                                                     kmax, kend)
 
     def _subtract_self(self, phi: torch.Tensor, field: torch.Tensor,
                        gradient: Optional[torch.Tensor], q: torch.Tensor,
