@@ -80,7 +80,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="base YAML config (the variants override long_range.variant)")
     p.add_argument("--variants", nargs="+", default=list(VARIANT_ORDER), choices=VARIANT_ORDER)
     p.add_argument("--budget", type=float, default=None, help="training wall time per variant, s (training.max_time)")
-    p.add_argument("--epochs", type=int, default=None, help="training.epochs for every variant")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training.epochs for every variant (equal-epoch mode: set it without --budget)")
+    p.add_argument("--until-plateau", type=int, default=None, metavar="PATIENCE",
+                   help="train until the validation loss has not improved for PATIENCE epochs "
+                        "(training.patience; the plateau scheduler lowers the lr meanwhile); "
+                        "--epochs is then the cap (default 2000)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--jobs", type=int, default=1, help="variants trained in parallel (separate processes)")
     p.add_argument("--threads", type=int, default=None,
@@ -94,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
 
 # =========================================================================== configuration
 def variant_config(base: Mapping[str, Any], variant: str, out: Path, budget: Optional[float],
-                   epochs: Optional[int], overrides: Sequence[str]) -> Dict[str, Any]:
+                   epochs: Optional[int], overrides: Sequence[str],
+                   patience: Optional[int] = None) -> Dict[str, Any]:
     """Config dict of one variant: base + user overrides + the variant preset + run length + its
     own run directory (as written, not resolved: the trainer tells explicit loss weights from
     defaults by what is written; checked with load_config)."""
@@ -108,6 +114,10 @@ def variant_config(base: Mapping[str, Any], variant: str, out: Path, budget: Opt
             items.append("training.epochs=1000000000")  # only the budget ends the run
     if epochs is not None:
         items.append(f"training.epochs={int(epochs)}")
+    if patience is not None:
+        items.append(f"training.patience={int(patience)}")
+        if epochs is None and budget is None:
+            items.append("training.epochs=2000")
     items += [f"output.directory={out / 'runs' / variant}", f"output.name={variant}"]
     raw = apply_overrides(base, items)
     load_config(raw)
@@ -522,7 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load_config(base_raw, args.overrides)  # check the base before anything runs
         if args.budget is not None and args.budget <= 0:
             raise ConfigError("--budget must be > 0 seconds")
-        configs = {v: variant_config(base_raw, v, out, args.budget, args.epochs, args.overrides)
+        configs = {v: variant_config(base_raw, v, out, args.budget, args.epochs, args.overrides,
+                                     args.until_plateau)
                    for v in args.variants}
         resolved = {v: load_config(c).to_dict() for v, c in configs.items()}
     except (ConfigError, OSError) as exc:

@@ -231,6 +231,20 @@ def _source_moments(q: torch.Tensor, mu: Optional[torch.Tensor],
     return torch.cat(cols, dim=1)
 
 
+def phases(pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """k·r [B,N,K] from pos [B,N,3] and k [B,K,3]; einsum avoids bmm's slow path for an
+    inner dimension of 3 (0.4 ms against 3 ms for [4, 64, 2348] on this CPU)."""
+    return torch.einsum("bna,bka->bnk", pos, k)
+
+
+def contract_k(table: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Σ_k table[b,n,k] coeffs[b,k,c] -> [B,N,C] for a few columns C.
+
+    Written as (coeffsᵀ tableᵀ)ᵀ: BLAS then streams the rows of the [N, K] table, 2–3× faster
+    than bmm(table, coeffs) when C is 3–13 (measured on this CPU)."""
+    return torch.bmm(coeffs.transpose(1, 2).contiguous(), table.transpose(1, 2)).transpose(1, 2)
+
+
 class _CosSin(torch.autograd.Function):
     """(cos x, sin x) that keeps its outputs for the backward pass.
 
@@ -335,7 +349,7 @@ def reciprocal_site_fields(positions: torch.Tensor, batch: torch.Tensor, cell: t
             kk: Optional[torch.Tensor] = None
             if theta is not None or need_gradient:
                 kk = (k.unsqueeze(-1) * k.unsqueeze(-2)).reshape(k.shape[0], k.shape[1], 9)
-            phase = torch.bmm(pos_pad, k.transpose(1, 2))  # [B,Nmax,Kc]
+            phase = phases(pos_pad, k)  # [B,Nmax,Kc]
             cos, sin, s_re, s_im = _structure_factor(phase, moments, k, kk)
             w = weights[:, start:stop]
             x_re = (w * s_re).unsqueeze(-1)  # [B,Kc,1]
@@ -346,8 +360,8 @@ def reciprocal_site_fields(positions: torch.Tensor, batch: torch.Tensor, cell: t
             if kk is not None and need_gradient:
                 y_cos.append(x_re * kk)
                 y_sin.append(x_im * kk)
-            out_pad = out_pad + torch.bmm(cos, torch.cat(y_cos, dim=-1)) \
-                + torch.bmm(sin, torch.cat(y_sin, dim=-1))
+            out_pad = out_pad + contract_k(cos, torch.cat(y_cos, dim=-1)) \
+                + contract_k(sin, torch.cat(y_sin, dim=-1))
         out = out_pad.reshape(num_structures * nmax, num_out)[flat]
     grad: Optional[torch.Tensor] = None
     if need_gradient:
@@ -383,7 +397,7 @@ def reciprocal_energy(positions: torch.Tensor, batch: torch.Tensor, cell: torch.
         kk: Optional[torch.Tensor] = None
         if theta is not None:
             kk = (k.unsqueeze(-1) * k.unsqueeze(-2)).reshape(k.shape[0], k.shape[1], 9)
-        phase = torch.bmm(pos_pad, k.transpose(1, 2))
+        phase = phases(pos_pad, k)
         _, _, s_re, s_im = _structure_factor(phase, moments, k, kk)
         # half-set weights carry the factor 2 of the ±k pair; the energy has ½ in front
         energy = energy + 0.5 * (weights[:, start:stop] * (s_re * s_re + s_im * s_im)).sum(dim=1)
