@@ -122,10 +122,11 @@ def time_case(case: str, variants: List[str], steps: int, dtype: str) -> Dict[st
                 "wall_min_s": float(np.min(wall[v]))} for v in variants}
 
 
-def peak_memory(case: str, variant: str, dtype: str) -> float:
+def peak_memory(case: str, variant: str, dtype: str, plain: bool = False) -> float:
     """Peak RSS (MB) of a fresh process that runs three training steps of one variant."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import training_step as t, resource;"
-            f"r = t.build({case!r}, {variant!r}, {dtype!r});"
+            + ("" if plain else "from polarmace.runtime import tune_allocator; tune_allocator();")
+            + f"r = t.build({case!r}, {variant!r}, {dtype!r});"
             "[t.step(*r) for _ in range(3)];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
@@ -142,16 +143,23 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory", action="store_true", help="also measure peak RSS per variant")
+    p.add_argument("--plain-allocator", action="store_true",
+                   help="leave glibc's malloc as it is (default: polarmace.runtime.tune_allocator, "
+                        "as polarmace-train does)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     import torch
+    from polarmace.runtime import tune_allocator
+    if not args.plain_allocator:
+        tune_allocator()
     torch.set_num_threads(args.threads)
     variants = ["sr"] + [v for v in args.variants if v != "sr"]
     rows = []
     for case in args.cases:
         t = time_case(case, variants, args.steps, args.dtype)
-        mem = {v: peak_memory(case, v, args.dtype) for v in variants} if args.memory else {}
-        print(f"\n{case} ({args.dtype}, {args.threads} thread(s), median of {args.steps} interleaved steps)")
+        mem = {v: peak_memory(case, v, args.dtype, args.plain_allocator) for v in variants} if args.memory else {}
+        alloc = "plain malloc" if args.plain_allocator else "tuned malloc"
+        print(f"\n{case} ({args.dtype}, {args.threads} thread(s), {alloc}, median of {args.steps} interleaved steps)")
         print(f"{'variant':<8} {'wall ms':>8} {'cpu ms':>8} {'cpu/sr':>7} {'target':>7}"
               + (f" {'peak MB':>8} {'mem/sr':>7}" if mem else ""))
         for v in variants:
