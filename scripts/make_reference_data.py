@@ -3,11 +3,13 @@
 
     python scripts/make_reference_data.py nacl  [--out data/reference]   # GFN2-xTB, tblite
     python scripts/make_reference_data.py water [--out data/reference]   # AMOEBA, OpenMM
+    python scripts/make_reference_data.py melt  [--out data/reference]   # NaCl rigid ions, OpenMM
+    python scripts/make_reference_data.py drude [--out data/reference]   # NaCl Drude ions, OpenMM
     python scripts/make_reference_data.py all
 
 Rerunning the same command after an interruption continues where it stopped (work is done in
 seeded chunks that are written atomically; an unfinished chunk is recomputed). Needs `pip install tblite` for
-nacl and `openmm` for water. Single-threaded by default (OMP_NUM_THREADS=1) so two sets can be
+nacl and `openmm` for water, melt and drude. Single-threaded by default (OMP_NUM_THREADS=1) so two sets can be
 generated side by side; set --threads to change that.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=("nacl", "water", "all"))
+    p.add_argument("dataset", choices=("nacl", "water", "melt", "drude", "all"))
     p.add_argument("--out", type=Path, default=Path("data/reference"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per process")
@@ -34,6 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nacl-test-size", type=int, default=200)
     p.add_argument("--water-configs", type=int, default=None, help="periodic AMOEBA frames")
     p.add_argument("--water-clusters", type=int, default=None, help="AMOEBA clusters with BEC")
+    p.add_argument("--melt-frames", type=int, default=1500, help="rigid-ion NaCl melt frames")
+    p.add_argument("--drude-frames", type=int, default=500, help="Drude NaCl melt frames")
+    p.add_argument("--drude-bec-frames", type=int, default=100, help="Drude frames with finite-field BEC")
+    p.add_argument("--ions-216", action="store_true", help="216-ion cells instead of 64 (melt, drude)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -64,6 +70,34 @@ def make_water(args: argparse.Namespace) -> None:
     logging.info("AMOEBA water: periodic=%s clusters=%s", periodic, clusters)
 
 
+def _ions_plan(args: argparse.Namespace, model, frames: int, bec_frames: int):
+    from polarmace.reference.openmm_ions import MeltPlan
+
+    n_cells = 3 if args.ions_216 else 2
+    if args.quick:
+        return MeltPlan(model=model, n_cells=n_cells, chunks_per_condition=1, frames=15,
+                        sample_every=50, equilibration_steps=200, premelt_steps=200,
+                        bec_frames=min(bec_frames, 3), seed=args.seed)
+    # 15 conditions (5 temperatures × 3 densities); two trajectories each for the rigid set
+    chunks = 2 if model.polarizabilities == () else 1
+    return MeltPlan(model=model, n_cells=n_cells, chunks_per_condition=chunks, frames=frames,
+                    sample_every=200, bec_frames=bec_frames, seed=args.seed)
+
+
+def make_ions(args: argparse.Namespace, kind: str) -> None:
+    from polarmace.reference.openmm_ions import DRUDE, RIGID, generate_melt
+
+    suffix = ("_216" if args.ions_216 else "") + ("_quick" if args.quick else "")
+    if kind == "melt":
+        plan = _ions_plan(args, RIGID, args.melt_frames, 0)
+        out = args.out / f"nacl_melt_rigid{suffix}.extxyz"
+    else:
+        plan = _ions_plan(args, DRUDE, args.drude_frames, args.drude_bec_frames)
+        out = args.out / f"nacl_melt_drude{suffix}.extxyz"
+    path = generate_melt(out, plan, progress=not args.no_progress, workers=args.workers)
+    logging.info("NaCl %s: %s (%d frames of %d ions)", kind, path, plan.frames, 8 * plan.n_cells ** 3)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -74,6 +108,9 @@ def main(argv=None) -> int:
         make_nacl(args)
     if args.dataset in ("water", "all"):
         make_water(args)
+    for kind in ("melt", "drude"):
+        if args.dataset in (kind, "all"):
+            make_ions(args, kind)
     logging.info("done in %.1f min", (time.time() - t0) / 60)
     return 0
 

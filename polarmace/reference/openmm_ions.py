@@ -3,24 +3,30 @@
 Two classical models whose charges, Born effective charges and polarizabilities are known
 exactly, evaluated with OpenMM (an independent code):
 
-* **Rigid ions**: point charges ±1 e (Ewald or PME, `NonbondedForce`) plus the Born–Mayer–Huggins
-  short-range potential with the Tosi–Fumi (1964) NaCl parameters (`CustomNonbondedForce`),
+* **Rigid ions**: point charges ±1 e (`NonbondedForce`, Ewald with ewaldErrorTolerance 1e-10)
+  plus the Born–Mayer–Huggins short-range potential with the Tosi–Fumi (1964) NaCl parameters
+  (`CustomNonbondedForce`),
       U_ij(r) = A_ij exp(−r/ρ) − C_ij/r⁶ − D_ij/r⁸,   A_ij = c_ij b exp((σ_i + σ_j)/ρ),
-  switched smoothly to zero between `IonModel.switch` and `IonModel.cutoff` (OpenMM's
-  1 − 10x³ + 15x⁴ − 6x⁵, so energy and forces stay consistent). Truth: q = ±1 e, BEC = q·I,
-  polarizability 0.
+  switched smoothly to zero between `IonModel.switch` (4.5 Å) and `IonModel.cutoff` (5.5 Å,
+  also the real-space Coulomb cutoff; OpenMM's switch 1 − 10x³ + 15x⁴ − 6x⁵ keeps energy and
+  forces consistent). No long-range dispersion correction. Truth: q = ±1 e, BEC = q·I, α = 0.
 * **Drude ions**: the same plus a Drude particle of charge q_D on each polarizable ion (the core
-  carries q − q_D), bound by a spring k_D (`DrudeForce`): α = k_e q_D²/k_D (Å³). Each core–Drude
-  pair is excluded from Coulomb; BMH acts between cores only. Labels are Born–Oppenheimer: the
-  Drude positions are relaxed (cores fixed) to a vanishing Drude force before every label.
+  carries q − q_D), bound by a spring k_D (`DrudeForce`): α = k_e q_D²/k_D (Å³); `DRUDE` has
+  α(Cl) = 3 Å³ and α(Na) = 0.3 Å³. Each core–Drude pair is excluded from Coulomb; BMH acts
+  between cores only; no Thole or other damping. Labels are Born–Oppenheimer: the Drude
+  positions are relaxed (cores fixed) until every Drude force is below 1e-9 eV/Å.
 
-Sampling: Langevin MD (OpenMM CPU platform; for Drude ions the extended-Lagrangian
-`DrudeLangevinIntegrator` with cold Drudes) of cubic cells of 8·n³ ions at several temperatures
-and densities: "crystal" conditions start from rock salt near its thermal lattice constant,
-"melt" conditions are molten at `premelt_temperature` first and use the experimental liquid
-density. Labels are computed separately on OpenMM's double-precision Reference platform at the
-sampled geometry (ions wrapped into the cell, positions rounded to the 1e-6 Å written to file,
-so the labels belong exactly to the written positions).
+Ewald rather than PME: for 64-ion cells it is exact to the tolerance and ~10× cheaper than PME
+at 1e-6 (7 ms vs 50 ms per evaluation). OpenMM's Ewald ignores off-diagonal box vectors, so the
+shear components of the stress are taken from a PME copy (`IonEngine.shear_context`).
+
+Sampling: Langevin MD of the rigid-ion model (OpenMM CPU platform, one thread; also for the
+Drude set, see `IonSampler`) of cubic cells of 8·n³ ions at several temperatures and densities:
+"crystal" conditions start from rock salt near its thermal lattice constant, "melt" conditions
+are molten at `premelt_temperature` first and use the experimental liquid density. Labels are
+computed separately on OpenMM's double-precision Reference platform at the sampled geometry
+(ions wrapped into the cell, positions rounded to the 1e-6 Å written to file, so the labels
+belong exactly to the written positions).
 
 Stored labels (eV, Å, e), one extended-XYZ frame per structure (Drude particles are not atoms):
 * info: ``energy``, ``stress`` (3×3, eV/Å³, ASE sign σ = (1/V) ∂E/∂ε, configurational part only,
@@ -32,7 +38,7 @@ Stored labels (eV, Å, e), one extended-XYZ frame per structure (Drude particles
 * arrays: ``forces`` (eV/Å; at relaxed Drudes: core + Drude force, the total derivative),
   ``true_charges`` (core + Drude charge, e), ``true_polarizability`` (α_i, Å³), ``BEC`` (N×9,
   row-major BEC[i, a, b] = ∂μ_a/∂r_ib, e; rigid ions q_i·I exactly; Drude ions by finite field,
-  Z*_i,ab = ∂F_ib/∂E_a, on a seeded subset of frames, zeros elsewhere with ``has_bec`` False),
+  Z*_i,ab = ∂F_ib/∂E_a, only on a seeded subset of frames, marked ``has_bec``),
   ``induced_dipoles`` (Drude: q_D·d_i, e·Å).
 
 Units: OpenMM works in nm, kJ/mol, e; conversion only at the OpenMM boundary
@@ -50,7 +56,7 @@ import logging
 import math
 import multiprocessing
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -107,7 +113,7 @@ class IonModel:
     cutoff: float = 5.5            # Å, BMH and real-space Coulomb
     switch: float = 4.5            # Å, start of the BMH switching function
     coulomb: str = "ewald"         # "ewald" or "pme"
-    ewald_tolerance: float = 1e-8  # OpenMM's ewaldErrorTolerance
+    ewald_tolerance: float = 1e-10  # OpenMM's ewaldErrorTolerance (energy jumps at the cutoff ~1e-11)
     polarizabilities: Tuple[Tuple[str, float, float], ...] = ()
 
     def drude(self, symbol: str) -> Optional[Tuple[float, float]]:
@@ -230,6 +236,20 @@ def _coulomb_force(charges: Sequence[float], model: IonModel):
     return force
 
 
+def _field_force(charges: Sequence[float]):
+    """−Σ_i q_i E·r_i for a uniform field E = (ex, ey, ez) (kJ/mol/nm/e), force group 3. Its
+    forces q_i E do not depend on how positions are wrapped."""
+    openmm, _ = _openmm()
+    force = openmm.CustomExternalForce("-q*(ex*x + ey*y + ez*z)")
+    for name in ("ex", "ey", "ez"):
+        force.addGlobalParameter(name, 0.0)
+    force.addPerParticleParameter("q")
+    for i, q in enumerate(charges):
+        force.addParticle(i, [float(q)])
+    force.setForceGroup(3)
+    return force
+
+
 def build_system(symbols: Sequence[str], cell: np.ndarray, model: IonModel = RIGID,
                  field: bool = False):
     """OpenMM System (ions first, then one massless Drude particle per polarizable ion) and its
@@ -267,14 +287,7 @@ def build_system(symbols: Sequence[str], cell: np.ndarray, model: IonModel = RIG
         force.setForceGroup(group)
         system.addForce(force)
     if field:
-        ext = openmm.CustomExternalForce("-q*(ex*x + ey*y + ez*z)")
-        for name in ("ex", "ey", "ez"):
-            ext.addGlobalParameter(name, 0.0)
-        ext.addPerParticleParameter("q")
-        for i, q in enumerate(charges):
-            ext.addParticle(i, [float(q)])
-        ext.setForceGroup(3)
-        system.addForce(ext)
+        system.addForce(_field_force(charges))
     # OpenMM's k_D = ONE_4PI_EPS0·q²/α; its ONE_4PI_EPS0 (138.93545764438198 kJ·nm/mol/e²) is
     # polarmace.units.COULOMB to 1e-16, so k_D = k_e q²/α in eV/Å²
     info = SystemInfo(n_ions=n, parents=parents, drude_charges=qd, drude_k=COULOMB * qd ** 2 / alpha,
@@ -341,17 +354,14 @@ class IonEngine:
         self.cell = np.asarray(cell, dtype=np.float64).copy()
 
     def shear_context(self):
-        """A Coulomb-only PME context for sheared cells, where OpenMM's Ewald is wrong (it
-        ignores the off-diagonal box vectors: measured σ_xy off by ~4× against PME and an
-        independent Ewald). Splitting α from `model.ewald_tolerance`, mesh spacing ≤ 0.2 Å:
-        the sheared Coulomb energy derivatives agree with the Ewald limit to ~1e-9 relative."""
+        """A PME copy of the system for sheared cells, where OpenMM's Ewald is wrong (it ignores
+        the off-diagonal box vectors: σ_xy off by ~4× against PME and an independent Ewald).
+        Splitting α from `model.ewald_tolerance`, mesh spacing ≤ 0.2 Å: the sheared energy
+        derivatives agree with the Ewald limit to ~1e-9 relative (tested)."""
         if self._shear is None:
             openmm, _ = _openmm()
             system = openmm.XmlSerializer.clone(self.system)
-            for index in reversed(range(system.getNumForces())):
-                if not isinstance(system.getForce(index), openmm.NonbondedForce):
-                    system.removeForce(index)
-            coulomb = system.getForce(0)
+            coulomb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
             coulomb.setNonbondedMethod(openmm.NonbondedForce.PME)
             alpha = math.sqrt(-math.log(2.0 * self.model.ewald_tolerance)) / (self.model.cutoff / ANGSTROM_PER_NM)
             mesh = [_fft_size(w / 0.2) for w in np.diag(self.cell)]
@@ -383,9 +393,10 @@ class IonEngine:
         return float(energy), np.asarray(forces) * _FORCE
 
     def relax(self, positions: np.ndarray, d0: Optional[np.ndarray] = None,
-              tolerance: Optional[float] = None) -> Tuple[float, np.ndarray, np.ndarray, float]:
+              tolerance: Optional[float] = None, context=None) -> Tuple[float, np.ndarray, np.ndarray, float]:
         """Relax the Drudes at fixed ions: (energy eV, forces on ions [N, 3] eV/Å, d [M, 3] Å,
-        residual max |F_D| eV/Å). Ion forces are core + Drude force (the total derivative)."""
+        residual max |F_D| eV/Å). Ion forces are core + Drude force (the total derivative).
+        `context`: another context of the same system (e.g. `shear_context()`)."""
         positions = np.asarray(positions, dtype=np.float64)
         n = len(positions)
         tol = self.relax_tolerance if tolerance is None else float(tolerance)
@@ -395,7 +406,7 @@ class IonEngine:
         k = self.info.drude_k[:, None]
         history: List[Tuple[np.ndarray, np.ndarray]] = []
         for it in range(self.max_iterations + 1):
-            energy, forces = self.evaluate(positions, d)
+            energy, forces = self.evaluate(positions, d, context=context)
             fd = forces[n:]
             residual = float(np.abs(fd).max()) if self.n_drudes else 0.0
             if residual <= tol:
@@ -458,16 +469,18 @@ def stress_fd(engine: IonEngine, positions: np.ndarray, step: float = 1e-4,
     OpenMM keeps cells in reduced (lower-triangular) form, so the deformation is F = I + h e_a e_bᵀ
     with a ≤ b, applied as r' = r Fᵀ, cell' = cell Fᵀ; the energy is rotation invariant, so the
     derivative along this (non-symmetric) F is the symmetric component σ_ab. Shears (a < b) take
-    the Coulomb energy from `IonEngine.shear_context` (PME), as OpenMM's Ewald ignores the
+    their energies from `IonEngine.shear_context` (PME), as OpenMM's Ewald ignores the
     off-diagonal box vectors. Drude displacements are strained with the cell and, unless
     `relax`, not re-relaxed: at relaxed Drudes ∂E/∂d = 0, so the first derivative is the same
-    and the central difference keeps its O(h²) error. Call right after `engine.relax(positions)`.
+    and the central difference keeps its O(h²) error (for shears the Drudes are first relaxed in
+    the PME copy, whose forces differ from Ewald's by ~1e-4 eV/Å). Call right after
+    `engine.relax(positions)`.
     """
     cell0 = engine.cell.copy()
     volume = abs(np.linalg.det(cell0))
     d_ref = engine._d.copy()
     sigma = np.zeros((3, 3))
-    short_range = {1, 2, 3}
+    d_shear = engine.relax(positions, d_ref, context=engine.shear_context())[2] if engine.n_drudes else d_ref
     try:
         for a in range(3):
             for b in range(a, 3):
@@ -477,12 +490,9 @@ def stress_fd(engine: IonEngine, positions: np.ndarray, step: float = 1e-4,
                     f[a, b] += sign * step
                     engine.set_cell(cell0 @ f.T)
                     strained = positions @ f.T
-                    d = engine.relax(strained, d0=d_ref @ f.T)[2] if relax else d_ref @ f.T
-                    if a == b:
-                        energies.append(engine.evaluate(strained, d)[0])
-                    else:
-                        energies.append(engine.evaluate(strained, d, groups=short_range)[0]
-                                        + engine.evaluate(strained, d, context=engine.shear_context())[0])
+                    context, d = (engine.context, d_ref) if a == b else (engine.shear_context(), d_shear)
+                    energies.append(engine.relax(strained, d @ f.T, context=context)[0] if relax
+                                    else engine.evaluate(strained, d @ f.T, context=context)[0])
                 sigma[a, b] = sigma[b, a] = (energies[0] - energies[1]) / (2.0 * step * volume)
     finally:
         engine.set_cell(cell0)
@@ -539,8 +549,8 @@ def label_frame(engine: IonEngine, positions: np.ndarray, with_stress: bool = Tr
                 with_bec: bool = False, field_step: float = 0.01, stress_step: float = 1e-4) -> Dict:
     """Every label of one frame as {"info": {...}, "arrays": {...}} (eV, Å, e).
 
-    Rigid ions get BEC = q·I exactly; Drude ions get the finite-field BEC when `with_bec`
-    (zeros and has_bec False otherwise).
+    Rigid ions get BEC = q·I exactly; Drude ions get the finite-field BEC only when `with_bec`
+    (info has_bec; frames without carry no BEC column, so readers see "no label", not zeros).
     """
     energy, forces, d, residual = engine.relax(positions, d0=np.zeros((engine.n_drudes, 3)))
     q = engine.true_charges()
@@ -558,8 +568,6 @@ def label_frame(engine: IonEngine, positions: np.ndarray, with_stress: bool = Tr
             z, alpha = bec_field(engine, positions, field_step)
             arrays["BEC"] = z.reshape(-1, 9)
             info["polarizability"] = alpha
-        else:
-            arrays["BEC"] = np.zeros((len(q), 9))
     return {"info": info, "arrays": arrays}
 
 
@@ -818,14 +826,34 @@ def generate_melt(out_path: Path, plan: Optional[MeltPlan] = None, progress: boo
         bar.close()
     if not all(p.exists() for s, p in zip(sizes, paths) if s > 0):
         return out_path
-    tmp = out_path.with_name(out_path.name + ".partial")
-    with open(tmp, "w") as fh:
-        for s, p in zip(sizes, paths):
-            if s > 0:
-                fh.write(p.read_text())
-    os.replace(tmp, out_path)
+    frames = [f for s, p in zip(sizes, paths) if s > 0 for f in _split_frames(p.read_text())]
+    _write_text(out_path, frames)
+    if plan.bec_frames:
+        # the BEC subset as a test set, the rest as a training set
+        stem = out_path.name[: -len(out_path.suffix)] if out_path.suffix else out_path.name
+        test = [" has_bec=T " in f.split("\n", 2)[1] for f in frames]
+        _write_text(out_path.with_name(f"{stem}_test{out_path.suffix}"), [f for f, t in zip(frames, test) if t])
+        _write_text(out_path.with_name(f"{stem}_train{out_path.suffix}"), [f for f, t in zip(frames, test) if not t])
     log.info("%s: %d frames", out_path, plan.frames)
     return out_path
+
+
+def _split_frames(text: str) -> List[str]:
+    """The frames of an extended-XYZ text (each n + 2 lines)."""
+    lines = text.splitlines(keepends=True)
+    out, i = [], 0
+    while i < len(lines):
+        n = int(lines[i])
+        out.append("".join(lines[i:i + n + 2]))
+        i += n + 2
+    return out
+
+
+def _write_text(path: Path, frames: Sequence[str]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as fh:
+        fh.writelines(frames)
+    os.replace(tmp, path)
 
 
 def _check_signature(chunk_dir: Path, plan: MeltPlan) -> None:
