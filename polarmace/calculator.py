@@ -12,7 +12,10 @@ e·Å (polarization; phase form for periodic cells), polarizability [3,3] Å³, 
 range atomic energies. `energies` = node_energy + electrostatic_energy/N (the electrostatic
 energy is not local; it is shared equally so that Σ energies = energy).
 
-Total charge: atoms.info["charge"] or atoms.info["total_charge"] (e, default 0).
+Total charge: atoms.info["total_charge"] or atoms.info["charge"] (e; both with different values
+is an error), else the constructor's `total_charge` (default 0): the rule of
+`polarmace.data.atoms.total_charge_of`, shared with the readers, MD and the driver. The value
+used is in `results["total_charge"]`.
 External field (V/Å): atoms.info["external_field"], else the constructor's `external_field`.
 A change of either (or of eps_infty) invalidates the results, like a change of positions.
 
@@ -38,6 +41,7 @@ closer than r_max at the current positions, which gives the same graph as a fres
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -46,20 +50,12 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from polarmace.data.atoms import (CLOSE_DISTANCE, MIN_DISTANCE, DataError, check_cell, closest_pair_problem,
+                                  find_total_charge, total_charge_of)
 from polarmace.export import load_any, model_dtype, model_metadata
 from polarmace.neighbours import neighbour_pairs
 
 __all__ = ["PolarMACECalculator", "NeighbourCache", "total_charge_of", "external_field_of"]
-
-_CHARGE_KEYS = ("charge", "total_charge")
-
-
-def total_charge_of(atoms: Any) -> float:
-    """Total charge (e) from atoms.info["charge"] or ["total_charge"], default 0."""
-    for key in _CHARGE_KEYS:
-        if key in atoms.info and atoms.info[key] is not None:
-            return float(np.asarray(atoms.info[key], dtype=float).reshape(()))
-    return 0.0
 
 
 def external_field_of(atoms: Any, default: Optional[np.ndarray]) -> np.ndarray:
@@ -150,6 +146,7 @@ class PolarMACECalculator(Calculator):
         compute_bec: compute Born effective charges on every call (otherwise only when "bec" is
             requested or a periodic structure is in a non-zero field).
         skin: neighbour-list skin in Å (0 = rebuild at every call).
+        total_charge: total charge (e) of structures whose atoms.info gives none (default 0).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "charges",
@@ -159,7 +156,7 @@ class PolarMACECalculator(Calculator):
     def __init__(self, model: Union[str, Path, torch.nn.Module], device: str = "cpu",
                  dtype: Union[None, str, torch.dtype] = None, eps_infty: Optional[float] = None,
                  external_field: Optional[Sequence[float]] = None, compute_bec: bool = False,
-                 skin: float = 0.5, **kwargs: Any) -> None:
+                 skin: float = 0.5, total_charge: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(model, (str, Path)):
             module, meta = load_any(model, map_location=device)
@@ -184,6 +181,9 @@ class PolarMACECalculator(Calculator):
         self.external_field = None if external_field is None else np.asarray(external_field, float).reshape(3)
         self.compute_bec = bool(compute_bec)
         self.neighbours = NeighbourCache(self.r_max, skin)
+        self.default_total_charge = float(total_charge)
+        self.elements = list(meta.get("elements") or [])
+        self._warned: set = set()
 
     # ------------------------------------------------------------------ state
     def check_state(self, atoms: Any, tol: float = 1e-15) -> List[str]:
@@ -191,7 +191,7 @@ class PolarMACECalculator(Calculator):
         changes = super().check_state(atoms, tol)
         if self.atoms is None:
             return changes
-        if total_charge_of(atoms) != total_charge_of(self.atoms):
+        if self.charge_of(atoms) != self.charge_of(self.atoms):
             changes.append("total_charge")
         old = external_field_of(self.atoms, self.external_field)
         if not np.array_equal(external_field_of(atoms, self.external_field), old):
@@ -203,14 +203,60 @@ class PolarMACECalculator(Calculator):
         self.external_field = None if field is None else np.asarray(field, float).reshape(3)
         self.reset()
 
+    def charge_of(self, atoms: Any) -> float:
+        """The total charge (e) the model gets for `atoms` (see the module docstring)."""
+        return total_charge_of(atoms, self.default_total_charge, "atoms.info")
+
     # ------------------------------------------------------------------ graph
+    def _check_atoms(self, atoms: Any, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> None:
+        """DataError (one line, naming the atoms) for what the model cannot evaluate."""
+        if len(numbers) == 0:
+            raise DataError("atoms: no atoms to evaluate")
+        if not np.isfinite(atoms.positions).all():
+            raise DataError("atoms: positions contain NaN or inf")
+        if self.elements:
+            from ase.data import chemical_symbols
+
+            allowed = [chemical_symbols.index(e) for e in self.elements]
+            bad = np.flatnonzero(~np.isin(numbers, allowed))
+            if len(bad):
+                raise DataError(f"atoms: element {chemical_symbols[int(numbers[bad[0]])]} (atom {int(bad[0])}) is not "
+                                f"one of the model's elements {', '.join(self.elements)}")
+        check_cell(cell, pbc, "atoms")  # before the neighbour search: a singular cell would hang it
+
+    def _check_distances(self, numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray,
+                         edge_index: np.ndarray, shifts: np.ndarray) -> None:
+        """Coincident atoms are an error; atoms closer than CLOSE_DISTANCE a warning (once)."""
+        i, j = edge_index
+        d = np.linalg.norm(positions[j] - positions[i] + shifts @ cell, axis=1)
+        problem = closest_pair_problem(numbers, i, j, shifts, d, MIN_DISTANCE)
+        if problem:
+            raise DataError(f"atoms: {problem}")
+        problem = closest_pair_problem(numbers, i, j, shifts, d, CLOSE_DISTANCE)
+        if problem and "close" not in self._warned:
+            self._warned.add("close")
+            warnings.warn(f"atoms: {problem}; the energy is not meaningful", UserWarning, stacklevel=4)
+
+    def _note_default_charge(self, atoms: Any) -> None:
+        """Warn once when atoms carry no total charge and the model was trained with another default."""
+        trained = float(((self.metadata.get("config") or {}).get("data") or {}).get("default_total_charge", 0.0) or 0.0)
+        value, _ = find_total_charge(atoms, "atoms.info")
+        if value is None and trained != self.default_total_charge and "charge" not in self._warned:
+            self._warned.add("charge")
+            warnings.warn(f"atoms.info has no total_charge/charge: using {self.default_total_charge:+g} e; the "
+                          f"model's training data defaulted to {trained:+g} e (set atoms.info['total_charge'] "
+                          f"or total_charge=... if that is meant)", UserWarning, stacklevel=4)
+
     def build_graph(self, atoms: Any) -> Dict[str, torch.Tensor]:
         """The model's input dict for `atoms`, with the (possibly reused) neighbour list."""
         positions = np.asarray(atoms.positions, dtype=np.float64)
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
         pbc = np.asarray(atoms.pbc, dtype=bool)
         numbers = np.asarray(atoms.numbers, dtype=np.int64)
+        self._check_atoms(atoms, numbers, cell, pbc)
         edge_index, shifts = self.neighbours.graph_edges(positions, cell, pbc, numbers)
+        self._check_distances(numbers, positions, cell, edge_index, shifts)
+        self._note_default_charge(atoms)
         n = len(atoms)
         f = dict(dtype=self.dtype, device=self.device)
         field = external_field_of(atoms, self.external_field)
@@ -223,7 +269,7 @@ class PolarMACECalculator(Calculator):
             "pbc": torch.tensor(pbc, device=self.device).unsqueeze(0),
             "edge_index": torch.tensor(edge_index, dtype=torch.long, device=self.device),
             "shifts": torch.tensor(shifts, **f),
-            "total_charge": torch.tensor([total_charge_of(atoms)], **f),
+            "total_charge": torch.tensor([self.charge_of(atoms)], **f),
             "external_field": torch.tensor(field, **f).unsqueeze(0),
             "num_atoms": torch.tensor([n], dtype=torch.long, device=self.device),
             "weight": torch.ones(1, **f),
@@ -263,6 +309,7 @@ class PolarMACECalculator(Calculator):
         graph = self.build_graph(atoms)
         out = self.model(graph, True, want_stress, want_bec)
         self.results = self._results(out, len(atoms), field, periodic_field, want_stress)
+        self.results["total_charge"] = float(graph["total_charge"][0])  # the charge the model was given
 
     def _results(self, out: Dict[str, torch.Tensor], n: int, field: np.ndarray,
                  periodic_field: bool, want_stress: bool) -> Dict[str, Any]:

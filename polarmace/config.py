@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 
 import yaml
 
+from .errors import InputError
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -53,8 +55,35 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the dotted key."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        self.flatten_mapping(node)  # merge keys (<<) may repeat keys on purpose; they are resolved first
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"line {line}: duplicate key {key!r} (first given at line {seen[key]}); "
+                                      f"give each key once")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, name: str = "<string>") -> Any:
+    """yaml.safe_load, except that a duplicate key is a ConfigError naming `name` and the lines."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 #: Label names a data set may carry (also the names of the loss weights).
@@ -355,6 +384,7 @@ class Stage2Config:
 class TrainingConfig:
     """`training:` optimisation."""
 
+    #: Passes over the training set; 0 = no training (the initial model is saved and evaluated).
     epochs: int = 100
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 0.01
@@ -414,8 +444,9 @@ class OutputConfig:
     #: Run directory; null = runs/<name>.
     directory: Optional[str] = None
     name: str = "polarmace"
-    #: Save a checkpoint every this many epochs.
-    checkpoint_interval: int = 10
+    #: Save a checkpoint every this many epochs (and always after the last one). A killed run
+    #: resumes from the latest checkpoint and retraces the epochs since, to the same weights.
+    checkpoint_interval: int = 1
     #: Number of most recent checkpoints kept (the best one is kept as well).
     keep_checkpoints: int = 3
     #: Write parity and learning-curve plots (needs matplotlib).
@@ -618,7 +649,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> Dict[s
         if not key or any(not p for p in parts):
             raise ConfigError(f"override {item!r}: empty key")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text, f"override {item!r}")
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse the value: {exc}") from exc
         node = out
@@ -645,7 +676,7 @@ def load_config(path_or_dict: Union[str, Path, Mapping[str, Any], Config, None],
         except OSError as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
         try:
-            data = yaml.safe_load(text)
+            data = parse_yaml(text, str(path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if data is None:

@@ -48,6 +48,8 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 
+from polarmace.errors import ModelFileError
+
 #: Name of the metadata file inside the TorchScript archive.
 METADATA_NAME = "polarmace.json"
 #: File suffixes treated as TorchScript without looking inside.
@@ -144,6 +146,49 @@ def is_torchscript_file(path: Union[str, Path]) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
+def _is_trainer_checkpoint(path: Path) -> bool:
+    """Whether a torch zip archive holds a polarmace-train checkpoint (looked up in the pickle's
+    bytes, never unpickled: a checkpoint needs weights_only=False)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            raw = archive.read(name) if name else b""
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return False
+    return all(key in raw for key in (b"optimizer", b"rng", b"history"))
+
+
+def read_model_file(path: Union[str, Path], map_location: str = "cpu") -> Dict[str, Any]:
+    """The dict written by `PolarMACE.save` (format_version, config, state_dict, dtype, versions).
+
+    Raises ModelFileError naming the file when it is missing, empty, truncated, an exported
+    TorchScript file, a polarmace-train checkpoint, or anything else that is not a model file.
+    """
+    path = Path(path)
+    hint = "use the model file polarmace-train writes (<run directory>/<name>.model)"
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file" if not path.exists() else f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: empty file, not a polarmace model; {hint}")
+    if zipfile.is_zipfile(path) and is_torchscript_file(path):
+        raise ModelFileError(f"{path}: an exported TorchScript model, which only the calculator, polarmace-md, "
+                             f"polarmace-spectra and polarmace-driver read; {hint}")
+    if _is_trainer_checkpoint(path):
+        raise ModelFileError(f"{path}: a polarmace-train checkpoint (weights + optimizer state), not a model "
+                             f"file; {hint}, or resume the run with --resume")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch.load raises many kinds (RuntimeError, EOFError, KeyError, ...)
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        reason = "truncated or corrupt" if zipped else "not a torch file"
+        raise ModelFileError(f"{path}: cannot read the model file ({reason}: {first[:120]}); {hint}") from exc
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ModelFileError(f"{path}: holds no 'config'/'state_dict': not a polarmace model file; {hint}")
+    return blob
+
+
 def load_torchscript(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
     """(module, metadata) of an exported file; metadata is {} when the archive has none."""
     extra = {METADATA_NAME: ""}
@@ -161,8 +206,14 @@ def load_any(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.n
     """Load a saved PolarMACE (`model.save`) or an exported TorchScript file.
 
     Returns (module, metadata) with metadata as in `model_metadata`."""
+    if not Path(path).is_file():
+        raise ModelFileError(f"{path}: no such model file")
     if is_torchscript_file(path):
-        return load_torchscript(path, map_location)
+        try:
+            return load_torchscript(path, map_location)
+        except RuntimeError as exc:  # a torn archive
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ModelFileError(f"{path}: cannot read this TorchScript file ({first[:120]})") from exc
     from polarmace.model import PolarMACE
 
     model = PolarMACE.load(str(path), map_location=map_location)

@@ -276,13 +276,13 @@ class PolarMACE(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str, map_location: str = "cpu") -> "PolarMACE":
-        """Rebuild a model from a file written by `save` (or a trainer checkpoint's model)."""
-        try:
-            blob = torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"PolarMACE.load: {path} is not a readable polarmace model file ({exc})") from exc
-        if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-            raise ValueError(f"PolarMACE.load: {path} holds no 'config'/'state_dict' (not a polarmace model)")
+        """Rebuild a model from a file written by `save` (polarmace-train's <run>/<name>.model).
+
+        A trainer checkpoint, an exported TorchScript file, or a missing, truncated or foreign
+        file raises polarmace.errors.ModelFileError (a ValueError) naming the file."""
+        from polarmace.export import read_model_file
+
+        blob = read_model_file(path, map_location)
         model = cls(blob["config"])
         dtype = getattr(torch, blob.get("dtype", "float64"))
         model.to(dtype)

@@ -64,10 +64,15 @@ def neighbour_pairs(
         batch: [N] structure index of every atom, sorted ascending.
         cutoff: radius in Å.
 
+    Raises polarmace.errors.DataError (before any search) for a periodic direction whose
+    lattice plane spacing is below polarmace.data.atoms.MIN_DISTANCE.
+
     Returns:
         edge_index [2, E] (int64, on positions.device) and shifts [E, 3] (integer-valued, in
         positions.dtype) such that vector = positions[j] - positions[i] + shifts @ cell[batch[i]].
     """
+    from polarmace.data.atoms import check_cell  # lazy: polarmace.data imports this module
+
     pos = positions.detach().cpu().double().numpy()
     cells = cell.detach().cpu().double().numpy()
     flags = pbc.detach().cpu().numpy().astype(bool)
@@ -77,6 +82,8 @@ def neighbour_pairs(
     for b, (start, n) in enumerate(zip(starts, counts)):
         if n == 0:
             continue
+        # a near-zero lattice vector would make matscipy search ~cutoff/width images: no end
+        check_cell(cells[b], flags[b], f"structure {b} of the batch")
         p, c = _search_cell(pos[start:start + n], cells[b], flags[b], cutoff)
         i, j, s = neighbour_list("ijS", positions=p, cell=c, pbc=flags[b], cutoff=float(cutoff))
         receivers.append(i + start)

@@ -479,9 +479,9 @@ def test_prepare_cli(tmp_path, capsys):
     with pytest.raises(DataError, match="required label 'stress'"):
         open_dataset(out, required=["stress"])
 
-    assert prepare.main([str(FIXTURE), "-o", str(out), "--keys", "energi=E", "--no-progress"]) == 1
+    assert prepare.main([str(FIXTURE), "-o", str(out), "--keys", "energi=E", "--no-progress"]) == 2
     assert "unknown label 'energi'; did you mean 'energy'?" in capsys.readouterr().err
-    assert prepare.main([str(FIXTURE), "-o", str(out), "--required", "stress", "--no-progress"]) == 1
+    assert prepare.main([str(FIXTURE), "-o", str(out), "--required", "stress", "--no-progress"]) == 2
     assert "frame 1: required label 'stress' is missing" in capsys.readouterr().err
 
     config = tmp_path / "c.yaml"

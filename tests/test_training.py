@@ -479,3 +479,83 @@ def test_a_finished_run_continues_when_resumed_with_more_epochs(dataset, tmp_pat
     assert train_cli.main([str(cfg), "--resume", "training.epochs=4"] + factory) == 0
     state = _final_state(tmp_path / "run")[0]
     assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------ resume, epochs 0, intervals, lock
+def _toy(dataset: Path, out: Path, **training) -> dict:
+    cfg = toy_config(dataset, out, **training)
+    cfg["output"]["plots"] = False
+    return cfg
+
+
+def test_resume_applies_a_changed_lr_and_reports_ignored_keys(dataset, tmp_path):
+    """training.lr=0.05 on resume is the lr of the next epochs (the restored optimizer state
+    used to keep 0.01); a key that cannot change (optimizer) is reported as ignored."""
+    from polarmace.training import trainer
+
+    cfg = _toy(dataset, tmp_path / "run", epochs=1, lr=0.01)
+    trainer.train(cfg, model_factory=toy_model.build_toy_model)
+    cfg["training"].update(epochs=3, lr=0.05, optimizer="adamw", weight_decay=0.001)
+    result = trainer.train(cfg, model_factory=toy_model.build_toy_model, resume=True)
+    assert [row["lr"] for row in result.history] == pytest.approx([0.01, 0.05, 0.05])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resume: training.lr changed from 0.01 to 0.05: applied (the optimizer continues at lr 0.05)" in log
+    assert "resume: training.optimizer = 'adamw' is ignored (the run keeps 'adam')" in log
+    state = CheckpointHandler(tmp_path / "run").load()
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.001
+    # the checkpoint records what is in effect: resuming again reports no change
+    assert state["config"]["training"]["lr"] == 0.05 and state["config"]["training"]["optimizer"] == "adam"
+    trainer.train(cfg, model_factory=toy_model.build_toy_model, resume=True)
+    assert (tmp_path / "run" / "train.log").read_text().count("training.lr changed") == 1
+
+
+def test_zero_epochs_trains_nothing_and_a_resume_can_train(dataset, tmp_path):
+    from polarmace.training import trainer
+
+    cfg = _toy(dataset, tmp_path / "run", epochs=0)
+    result = trainer.train(cfg, model_factory=toy_model.build_toy_model)
+    assert result.history == [] and result.model_path.is_file()
+    assert "E_rmse" in json.loads((tmp_path / "run" / "final_metrics.json").read_text())["test"]
+    state = CheckpointHandler(tmp_path / "run").load()
+    assert state["finished"] and state["epoch"] == 0
+    cfg["training"]["epochs"] = 1
+    assert len(trainer.train(cfg, model_factory=toy_model.build_toy_model, resume=True).history) == 1
+
+
+def test_checkpoint_interval_is_the_epochs_between_checkpoints(dataset, tmp_path):
+    from polarmace.training import trainer
+
+    cfg = _toy(dataset, tmp_path / "run", epochs=5)
+    cfg["output"].update(checkpoint_interval=2, keep_checkpoints=10)
+    trainer.train(cfg, model_factory=toy_model.build_toy_model)
+    # every second epoch, and the last one
+    assert [epoch for epoch, _, _ in CheckpointHandler(tmp_path / "run").list()] == [2, 4, 5]
+
+
+def test_final_evaluation_resumed_uses_the_last_stage_loss_weights(dataset, tmp_path):
+    """A run killed during its final evaluation and resumed recomputes the same table (the
+    loss column used stage-one weights)."""
+    from polarmace.training import trainer
+
+    cfg = _toy(dataset, tmp_path / "run", epochs=2,
+               stage_two={"start_epoch": 1, "energy_weight": 1000.0, "forces_weight": 1.0, "lr": 0.005})
+    trainer.train(cfg, model_factory=toy_model.build_toy_model)
+    path = tmp_path / "run" / "final_metrics.json"
+    first = json.loads(path.read_text())
+    path.unlink()  # as if killed before the table was written
+    (tmp_path / "run" / "toy.model").unlink()
+    trainer.train(cfg, model_factory=toy_model.build_toy_model, resume=True)
+    assert json.loads(path.read_text()) == first
+
+
+def test_a_second_run_in_a_locked_directory_names_the_holder_and_writes_nothing(dataset, tmp_path):
+    from polarmace.errors import RunLockedError
+    from polarmace.training import trainer
+    from polarmace.training.lock import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run, "polarmace-train"):
+        with pytest.raises(RunLockedError, match=rf"{run} is in use by another run \(polarmace-train pid {os.getpid()}"):
+            trainer.train(_toy(dataset, run, epochs=1), model_factory=toy_model.build_toy_model)
+        assert [p.name for p in run.iterdir()] == [".lock"]
+    trainer.train(_toy(dataset, run, epochs=1), model_factory=toy_model.build_toy_model)  # free again

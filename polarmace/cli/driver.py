@@ -23,9 +23,9 @@ first frame). Its pbc flags decide whether the system is periodic (--pbc overrid
 i-PI-style .xyz whose cell is only in a "# CELL(abcABC)" comment reads as non-periodic, so pass
 --pbc TTT for a periodic i-PI run with such a file. The cell always comes from i-PI.
 
-Total charge (e): --total-charge, else atoms.info["charge"] / ["total_charge"] of --structure,
-else 0. The virial (needed by i-PI barostats) is sent for fully periodic systems; otherwise zero.
-The driver returns when i-PI sends EXIT or closes the connection (exit status 0).
+Total charge (e): --total-charge, else atoms.info["total_charge"] / ["charge"] of --structure
+(both with different values is an error), else 0 (polarmace.data.atoms.total_charge_of). The
+virial (needed by i-PI barostats) is sent for fully periodic systems; otherwise zero. The driver returns when i-PI sends EXIT or closes the connection (exit status 0).
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
+from polarmace.errors import InputError
+
 log = logging.getLogger("polarmace.driver")
 
 #: Prefix i-PI (and ASE) put in front of a UNIX socket name by default.
 IPI_SOCKET_PREFIX = "/tmp/ipi_"
 
 
-class DriverError(RuntimeError):
+class DriverError(InputError):
     """A problem with the driver's inputs or connection; the message names the argument."""
 
 
@@ -180,14 +182,18 @@ def load_structure(path: str, pbc: Optional[np.ndarray], total_charge: Optional[
         atoms = ase.io.read(path, index=0)
     except Exception as exc:  # ASE raises many kinds; report them all as one input error
         raise DriverError(f"--structure: cannot read {path!r}: {exc}") from exc
+    from polarmace.data.atoms import set_total_charge, total_charge_of
+
     atoms.calc = None
+    if len(atoms) == 0:
+        raise DriverError(f"--structure: {path!r} has no atoms")
     if pbc is not None:
         atoms.pbc = pbc
     elif not atoms.pbc.any():
         log.warning("--structure %s is not periodic: the system is treated as open (i-PI's cell is "
                     "ignored by the model); pass --pbc TTT for a periodic simulation", path)
-    if total_charge is not None:
-        atoms.info["charge"] = float(total_charge)
+    value = total_charge if total_charge is not None else total_charge_of(atoms, 0.0, f"--structure {path}")
+    set_total_charge(atoms.info, value)  # one key, so that the calculator reads this value
     return atoms
 
 
@@ -248,8 +254,6 @@ def serve(client: Any, atoms: Any, log_interval: int) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from polarmace.calculator import total_charge_of
-
     p = parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s polarmace-driver %(levelname)s "
@@ -264,11 +268,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         calc = build_calculator(args)
         atoms.calc = calc
         sock = connect(address, args.connect_wait, args.timeout)
-    except DriverError as exc:
-        p.error(str(exc))  # exits with status 2 and the usage line
+    except InputError as exc:  # DriverError, a bad model file, conflicting total charges, ...
+        p.error(" ".join(str(exc).split()))  # exits with status 2 and the usage line
     log.info("connected to i-PI at %s: %d atoms (%s), pbc %s, total charge %g e, model %s (%s, %s)",
              address.describe(), len(atoms), atoms.get_chemical_formula(),
-             "".join("T" if f else "F" for f in atoms.pbc), total_charge_of(atoms), args.model,
+             "".join("T" if f else "F" for f in atoms.pbc), calc.charge_of(atoms), args.model,
              calc.dtype, calc.device)
     client = socket_client(sock, len(atoms), sys.stderr if args.verbose >= 2 else None)
     start = time.perf_counter()

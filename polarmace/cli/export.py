@@ -23,25 +23,34 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from polarmace.cli import run_cli
+
     args = parser().parse_args(argv)
+    return run_cli("polarmace-export", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from polarmace.errors import output_error
     from polarmace.export import ExportError, export_model
     from polarmace.model import PolarMACE
 
-    try:
-        model = PolarMACE.load(args.model)
-    except ValueError as exc:
-        print(f"polarmace-export: {exc}", file=sys.stderr)
-        return 2
+    model = PolarMACE.load(args.model)  # ModelFileError naming the file (TorchScript, checkpoint, torn, ...)
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".ts")
+    if output.resolve() == Path(args.model).resolve():
+        from polarmace.config import ConfigError
+
+        raise ConfigError(f"-o/--output {output} is the model file: it would be overwritten")
     try:
         export_model(model, output)
     except ExportError as exc:
         print(f"polarmace-export: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        raise output_error(output, exc) from exc
     print(f"wrote {output}")
     return 0
 

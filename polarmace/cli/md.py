@@ -39,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bec", action="store_true", help="compute and write Born effective charges")
     p.add_argument("--field", type=float, nargs=3, default=None, metavar=("EX", "EY", "EZ"),
                    help="external field, V/Å")
-    p.add_argument("--charge", type=float, default=None, help="total charge, e")
+    p.add_argument("--charge", type=float, default=None,
+                   help="total charge, e (default: the structure's info total_charge/charge, else 0); "
+                        "written to every frame as info total_charge")
     p.add_argument("--eps-infty", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None)
@@ -103,16 +105,61 @@ def run_md(atoms: Any, calc: Any, output: str, steps: int, timestep: float, ense
     return time.perf_counter() - start
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """ConfigError naming the option for values MD cannot run with; the output must not be an input."""
+    from polarmace.config import ConfigError
+
+    positive = {"--timestep": args.timestep, "--interval": args.interval}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    for name, value in {"--steps": args.steps, "--temperature": args.temperature, "--friction": args.friction,
+                        "--skin": args.skin}.items():
+        if not value >= 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    out = Path(args.output).resolve()
+    for name, path in (("structure", args.structure), ("--model", args.model)):
+        if Path(path).resolve() == out:
+            raise ConfigError(f"-o/--output {args.output} is the {name} file: it would be overwritten; "
+                              f"choose another output file")
+
+
+def read_start(path: str, charge: Optional[float]) -> Any:
+    """The last frame of `path`, carrying one total charge (info total_charge; see
+    polarmace.data.atoms.total_charge_of) so that every written frame says which was used."""
     import ase.io
+
+    from polarmace.data.atoms import DataError, set_total_charge, total_charge_of
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such structure file")
+    try:
+        atoms = ase.io.read(path, index=-1)
+    except Exception as exc:  # ASE raises many kinds; the message names the file
+        raise DataError(f"{path}: cannot read the structure: {exc}") from exc
+    if len(atoms) == 0:
+        raise DataError(f"{path}: the last frame has no atoms")
+    value = charge if charge is not None else total_charge_of(atoms, 0.0, f"{path}: last frame")
+    set_total_charge(atoms.info, value)
+    return atoms
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from polarmace.cli import run_cli
+
+    args = parser().parse_args(argv)
+    return run_cli("polarmace-md", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_args(args)  # before the heavy imports: a wrong option is reported at once
+    atoms = read_start(args.structure, args.charge)
     from ase import units
 
     from polarmace.calculator import PolarMACECalculator
+    from polarmace.errors import output_error, resolve_device
 
-    atoms = ase.io.read(args.structure, index=-1)
-    if args.charge is not None:
-        atoms.info["charge"] = args.charge
+    resolve_device(args.device, "--device")
     has_momenta = "momenta" in atoms.arrays and np.any(atoms.arrays["momenta"] != 0)
     if not args.no_init_velocities and not has_momenta:
         rng = np.random.default_rng(args.seed)
@@ -123,10 +170,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     calc = PolarMACECalculator(args.model, device=args.device, dtype=args.dtype,
                                eps_infty=args.eps_infty, external_field=args.field,
                                compute_bec=args.bec, skin=args.skin)
-    wall = run_md(atoms, calc, args.output, args.steps, args.timestep, args.ensemble,
-                  args.temperature, args.friction, args.interval, args.bec, args.seed)
-    ns_per_day = args.steps * args.timestep * 1e-6 / wall * 86400.0 if wall > 0 else float("inf")
-    print(f"{args.steps} steps in {wall:.1f} s ({args.steps / wall:.2f} steps/s, {ns_per_day:.4f} ns/day); "
+    try:
+        wall = run_md(atoms, calc, args.output, args.steps, args.timestep, args.ensemble,
+                      args.temperature, args.friction, args.interval, args.bec, args.seed)
+    except OSError as exc:
+        raise output_error(args.output, exc) from exc
+    rate = f"{args.steps / wall:.2f} steps/s, " if wall > 0 and args.steps > 0 else ""
+    ns_per_day = f"{args.steps * args.timestep * 1e-6 / wall * 86400.0:.4f} ns/day" if rate else "no steps"
+    print(f"{args.steps} steps in {wall:.1f} s ({rate}{ns_per_day}); total charge {calc.charge_of(atoms):+g} e; "
           f"{calc.neighbours.builds} neighbour-list builds; wrote {args.output}")
     return 0
 

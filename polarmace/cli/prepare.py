@@ -5,6 +5,9 @@
 
 `--config` takes data.keys, data.default_total_charge, data.required_labels, model.r_max and
 model.elements from a run configuration; options given on the command line win.
+
+Total charge of each structure: info ``total_charge`` or ``charge`` (both with different values
+is an error naming the frame), else --total-charge (polarmace.data.atoms.total_charge_of).
 """
 
 from __future__ import annotations
@@ -62,33 +65,40 @@ def _keys_from_cli(pairs: Sequence[str], base: dict) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from . import run_cli
+
     args = _parser().parse_args(argv)
+    return run_cli("polarmace-prepare", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..errors import output_error
+
+    config = load_config(args.config) if args.config else Config()
+    resolved = config.to_dict()
+    resolved["data"]["keys"] = _keys_from_cli(args.keys, resolved["data"]["keys"])
+    if args.required is not None:
+        resolved["data"]["required_labels"] = args.required
+    config = Config.from_dict(resolved)
+    spec = KeySpec.from_config(config.data)
+    total_charge = config.data.default_total_charge if args.total_charge is None else args.total_charge
+    r_max = config.model.r_max if args.r_max is None and args.config else args.r_max
+    elements = args.elements if args.elements is not None else config.model.elements
+    output = Path(args.output)
+    for name in args.inputs:
+        if Path(name).resolve() == output.resolve():
+            raise DataError(f"{name}: the output file is also an input")
+    configurations = []
+    for name in args.inputs:
+        configurations += read_configurations(
+            name, spec, default_total_charge=total_charge, index=args.index, format=args.format,
+            min_distance=args.min_distance if args.min_distance > 0 else None, n2p2_units=args.n2p2_units,
+            progress=not args.no_progress)
     try:
-        config = load_config(args.config) if args.config else Config()
-        resolved = config.to_dict()
-        resolved["data"]["keys"] = _keys_from_cli(args.keys, resolved["data"]["keys"])
-        if args.required is not None:
-            resolved["data"]["required_labels"] = args.required
-        config = Config.from_dict(resolved)
-        spec = KeySpec.from_config(config.data)
-        total_charge = config.data.default_total_charge if args.total_charge is None else args.total_charge
-        r_max = config.model.r_max if args.r_max is None and args.config else args.r_max
-        elements = args.elements if args.elements is not None else config.model.elements
-        output = Path(args.output)
-        for name in args.inputs:
-            if Path(name).resolve() == output.resolve():
-                raise DataError(f"{name}: the output file is also an input")
-        configurations = []
-        for name in args.inputs:
-            configurations += read_configurations(
-                name, spec, default_total_charge=total_charge, index=args.index, format=args.format,
-                min_distance=args.min_distance if args.min_distance > 0 else None, n2p2_units=args.n2p2_units,
-                progress=not args.no_progress)
-        stats = write_dataset(output, configurations, elements=elements, progress=not args.no_progress, r_max=r_max,
-                              compression=None if args.compression == "none" else args.compression)
-    except (ConfigError, DataError) as exc:
-        print(f"polarmace-prepare: error: {exc}", file=sys.stderr)
-        return 1
+        stats = write_dataset(output, configurations, elements=elements, progress=not args.no_progress,
+                              r_max=r_max, compression=None if args.compression == "none" else args.compression)
+    except OSError as exc:
+        raise output_error(output, exc) from exc
     labels = [label for label in LABEL_NAMES if any(getattr(c, label) is not None for c in configurations)]
     charges = sorted({c.total_charge for c in configurations})
     print(f"wrote {output}: {stats['num_configs']} structures, {stats['num_atoms']} atoms, "

@@ -21,6 +21,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from polarmace.errors import DataError, InputError
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polarmace-spectra", description=__doc__.split("\n")[0])
@@ -51,7 +53,7 @@ def _timestep(frames: List[Any], given: Optional[float], every: int) -> float:
     times = [f.info.get("time") for f in frames[:2]]
     if len(frames) >= 2 and all(t is not None for t in times):
         return float(times[1]) - float(times[0])
-    raise SystemExit("polarmace-spectra: give --timestep (fs between frames); the frames carry no info['time']")
+    raise InputError("give --timestep (fs between frames); the frames carry no info['time']")
 
 
 def _velocities(frames: List[Any]) -> Optional[np.ndarray]:
@@ -108,11 +110,11 @@ def _ir(frames: List[Any], args: argparse.Namespace, dt: float):
     use_bec = args.source == "bec" or (args.source == "auto" and vel is not None)
     if use_bec:
         if vel is None:
-            raise SystemExit("polarmace-spectra: --source bec needs velocities in the trajectory")
+            raise InputError("--source bec needs velocities in the trajectory")
         bec = _info_series(frames, "bec", (3, 3)) if args.model is None else None
         if bec is None:
             if args.model is None:
-                raise SystemExit("polarmace-spectra: give --model (no per-atom 'bec' in the file)")
+                raise InputError("give --model (no per-atom 'bec' in the file)")
             bec = _model_series(frames, args, "bec")
         signal = spectra.dipole_derivative(bec, vel)
         fn = spectra.ir_spectrum
@@ -120,7 +122,7 @@ def _ir(frames: List[Any], args: argparse.Namespace, dt: float):
         dip = _info_series(frames, "dipole", (3,)) if args.model is None else None
         if dip is None:
             if args.model is None:
-                raise SystemExit("polarmace-spectra: give --model (no info 'dipole' in the file)")
+                raise InputError("give --model (no info 'dipole' in the file)")
             dip = _model_series(frames, args, "dipole")
         signal = dip
         fn = spectra.ir_spectrum_from_dipoles
@@ -137,7 +139,7 @@ def _raman(frames: List[Any], args: argparse.Namespace, dt: float):
     alpha = _info_series(frames, "polarizability", (3, 3)) if args.model is None else None
     if alpha is None:
         if args.model is None:
-            raise SystemExit("polarmace-spectra: give --model (no info 'polarizability' in the file)")
+            raise InputError("give --model (no info 'polarizability' in the file)")
         alpha = _model_series(frames, args, "polarizability")
     iso, aniso = spectra.raman_spectra(alpha, dt, args.block_length, args.overlap, args.window,
                                        args.temperature, args.correction)
@@ -145,14 +147,28 @@ def _raman(frames: List[Any], args: argparse.Namespace, dt: float):
 
 
 def read_curve(path: str, columns: str = "0,1") -> Tuple[np.ndarray, np.ndarray]:
-    """(ν, intensity) from a CSV or whitespace-separated file ('#' comments)."""
-    ix, iy = (int(c) for c in columns.split(","))
-    text = [line for line in Path(path).read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
-    delimiter = "," if "," in text[0] else None
-    data = np.array([[float(v) for v in (line.split(delimiter) if delimiter else line.split())]
-                     for line in text])
-    return data[:, ix], data[:, iy]
+    """(ν, intensity) from a CSV or whitespace-separated file ('#' comments); DataError naming
+    the file (and line) when it cannot be read."""
+    try:
+        ix, iy = (int(c) for c in columns.split(","))
+    except ValueError:
+        raise InputError(f"--experimental-columns {columns!r}: expected two column numbers, e.g. 0,1") from None
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file (--experimental)")
+    lines = [(k, line) for k, line in enumerate(Path(path).read_text().splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise DataError(f"{path}: no data lines")
+    delimiter = "," if "," in lines[0][1] else None
+    rows = []
+    for k, line in lines:
+        try:
+            row = [float(v) for v in (line.split(delimiter) if delimiter else line.split())]
+            rows.append((row[ix], row[iy]))
+        except (ValueError, IndexError):
+            raise DataError(f"{path}: line {k}: cannot read columns {ix} and {iy} as numbers: {line.strip()!r}") from None
+    data = np.array(rows)
+    return data[:, 0], data[:, 1]
 
 
 def _plot(path: Path, kind: str, header: List[str], freq: np.ndarray, curves: List[np.ndarray],
@@ -183,24 +199,47 @@ def _plot(path: Path, kind: str, header: List[str], freq: np.ndarray, curves: Li
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+def read_frames(path: str, every: int) -> List[Any]:
+    """Every `every`-th frame of a trajectory; DataError naming the file when it cannot be read."""
     import ase.io
 
-    frames = ase.io.read(args.trajectory, index=f"::{args.every}")
+    if every < 1:
+        raise InputError(f"--every must be >= 1, got {every}")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such trajectory file")
+    try:
+        frames = ase.io.read(path, index=f"::{every}")
+    except Exception as exc:  # ASE raises many kinds; the message names the file
+        raise DataError(f"{path}: cannot read the trajectory: {exc}") from exc
     frames = frames if isinstance(frames, list) else [frames]
     if len(frames) < 4:
-        print(f"polarmace-spectra: {args.trajectory} has {len(frames)} frames; need at least 4", file=sys.stderr)
-        return 2
+        raise DataError(f"{path} has {len(frames)} frames (every {every}); need at least 4")
+    return frames
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from polarmace.cli import run_cli
+
+    args = parser().parse_args(argv)
+    return run_cli("polarmace-spectra", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from polarmace.errors import output_error
+
+    frames = read_frames(args.trajectory, args.every)
     dt = _timestep(frames, args.timestep, args.every)
     header, freq, curves = (_ir if args.kind == "ir" else _raman)(frames, args, dt)
     prefix = Path(args.output or f"{Path(args.trajectory).stem}_{args.kind}")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     csv_path = prefix.with_name(prefix.name + ".csv")
-    np.savetxt(csv_path, np.column_stack([freq] + curves), delimiter=",", header=",".join(header),
-               comments="")
     experimental = read_curve(args.experimental, args.experimental_columns) if args.experimental else None
-    _plot(prefix.with_name(prefix.name + ".png"), args.kind, header, freq, curves, experimental, args.xmax)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        np.savetxt(csv_path, np.column_stack([freq] + curves), delimiter=",", header=",".join(header),
+                   comments="")
+        _plot(prefix.with_name(prefix.name + ".png"), args.kind, header, freq, curves, experimental, args.xmax)
+    except OSError as exc:
+        raise output_error(csv_path, exc) from exc
     print(f"wrote {csv_path} and {prefix.with_name(prefix.name + '.png')} "
           f"(resolution {freq[1] - freq[0]:.2f} cm^-1, {len(frames)} frames, dt {dt} fs)")
     return 0

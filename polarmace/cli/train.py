@@ -14,10 +14,15 @@ from typing import Callable, List, Optional
 
 
 def _import(spec: str) -> Callable:
+    from polarmace.config import ConfigError
+
     module, _, attr = spec.partition(":")
     if not attr:
-        raise SystemExit(f"--model-factory expects module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
+        raise ConfigError(f"--model-factory expects module:function, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--model-factory {spec!r}: {exc}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,32 +39,34 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from polarmace.cli import run_cli
+
     args = parser().parse_intermixed_args(argv)
-    from polarmace.config import ConfigError
+    return run_cli("polarmace-train", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import os
+
     from polarmace.data import DataError
+    from polarmace.training import distributed
     from polarmace.training.trainer import train
 
+    if args.checkpoint_steps is not None and args.checkpoint_steps < 1:
+        from polarmace.config import ConfigError
+
+        raise ConfigError(f"--checkpoint-steps must be >= 1, got {args.checkpoint_steps}")
     factory = _import(args.model_factory) if args.model_factory else None
     try:
         result = train(args.config, model_factory=factory, resume=args.resume, overrides=args.overrides,
                        checkpoint_steps=args.checkpoint_steps)
-    except ConfigError as exc:
-        print(f"polarmace-train: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileExistsError as exc:
-        print(f"polarmace-train: {exc}", file=sys.stderr)
-        return 2
     except DataError as exc:
-        import os
-
-        print(f"polarmace-train: data error: {exc} (relative data paths are read from the "
-              f"current directory, {os.getcwd()})", file=sys.stderr)
-        return 2
+        if "no such file" not in str(exc):
+            raise
+        raise DataError(f"{exc} (relative data paths are read from the current directory, {os.getcwd()})") from None
     finally:
-        from polarmace.training import distributed
-
         distributed.cleanup()
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"model: {result.model_path}")
     return 0
 

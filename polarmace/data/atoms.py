@@ -14,6 +14,7 @@ per-structure labels in ``atoms.info[key]`` then ``atoms.calc.results[key]``; pe
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -21,11 +22,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..config import LABEL_NAMES, KeysConfig
+from ..errors import DataError
 from ..units import BOHR, HARTREE
 
 __all__ = [
     "DataError",
     "Configuration",
+    "TOTAL_CHARGE_KEYS",
+    "total_charge_of",
+    "find_total_charge",
+    "set_total_charge",
+    "check_cell",
     "KeySpec",
     "LABEL_NAMES",
     "MIN_DISTANCE",
@@ -40,6 +47,11 @@ __all__ = [
 
 #: Atoms closer than this (Å), also across periodic images, are an error.
 MIN_DISTANCE = 0.1
+#: Atoms closer than this (Å) give a warning: no bond is this short, so the structure (or its
+#: periodic images, when the cell is too small for it) overlaps and the energy is meaningless.
+CLOSE_DISTANCE = 0.5
+#: Info keys of a structure's total charge (e): polarmace's own, then ASE's.
+TOTAL_CHARGE_KEYS = ("total_charge", "charge")
 #: Neighbour-search radius of the overlap check (Å); binning at 0.1 Å would need ~L³/0.001 bins.
 _OVERLAP_SEARCH = 0.75
 
@@ -48,10 +60,6 @@ PER_ATOM_LABELS = ("forces", "bec")
 #: Shape of each label (and of the external field) per structure, or per atom for PER_ATOM_LABELS.
 LABEL_SHAPES = {"energy": (), "forces": (3,), "stress": (3, 3), "virials": (3, 3), "dipole": (3,), "bec": (3, 3),
                 "external_field": (3,)}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the frame and the problem."""
 
 
 def _symbol(z: int) -> str:
@@ -73,6 +81,8 @@ class Configuration:
         dipole: [3] e·Å.  bec: [N, 3, 3] e, bec[i, a, b] = ∂P_a/∂r_ib.
         total_charge: e.  weight: loss weight of the structure.  external_field: [3] V/Å or None.
         info: anything else the file carried for this structure (not used for training).
+        total_charge_key: the info key the total charge was read from; None when the default was
+            applied or the origin is unknown (an HDF5 set, a structure built in code).
     """
 
     atomic_numbers: np.ndarray
@@ -89,6 +99,7 @@ class Configuration:
     weight: float = 1.0
     external_field: Optional[np.ndarray] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    total_charge_key: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.atomic_numbers = np.asarray(self.atomic_numbers, dtype=np.int64).reshape(-1)
@@ -199,8 +210,93 @@ def stack_label(configurations: Sequence["Configuration"], name: str) -> Tuple[n
 
 
 # --------------------------------------------------------------------------------------------
+# Total charge: one rule for every reader, the calculator, MD and the i-PI driver
+# --------------------------------------------------------------------------------------------
+
+
+def _info_value(atoms: Any, key: str) -> Any:
+    """info[key] of an ase.Atoms or of an info mapping. (Not the calculator's results: a
+    calculator's own output is no input; ASE's readers keep 'charge' in info.)"""
+    return (atoms if isinstance(atoms, Mapping) else atoms.info).get(key)
+
+
+def find_total_charge(atoms: Any, source: str = "structure",
+                      key: str = "total_charge") -> Tuple[Optional[float], Optional[str]]:
+    """(total charge in e, the info key it came from), or (None, None) when none is given.
+
+    With the default `key` both TOTAL_CHARGE_KEYS are read; when both are present with
+    different values that is a DataError naming `source`. A custom `key` (data.keys.total_charge)
+    is the only key read.
+    """
+    keys = TOTAL_CHARGE_KEYS if key == TOTAL_CHARGE_KEYS[0] else (key,)
+    found = [(k, _info_value(atoms, k)) for k in keys]
+    found = [(k, _as_scalar(v, f"total charge ('{k}')", source)) for k, v in found if v is not None]
+    if not found:
+        return None, None
+    if len({v for _, v in found}) > 1:
+        given = " and ".join(f"{k} = {v:g}" for k, v in found)
+        raise DataError(f"{source}: info has {given}: two different total charges; give one")
+    return found[0][1] + 0.0, found[0][0]  # + 0.0: -0.0 -> 0.0
+
+
+def total_charge_of(atoms: Any, default: float = 0.0, source: str = "structure",
+                    key: str = "total_charge") -> float:
+    """The total charge (e) of a structure: info 'total_charge' or 'charge' (the same value if
+    both), else `default` (see `find_total_charge`). `atoms`: an ase.Atoms or an info mapping."""
+    value, _ = find_total_charge(atoms, source, key)
+    return float(default) + 0.0 if value is None else value
+
+
+def set_total_charge(info: Dict[str, Any], value: float) -> None:
+    """Store a total charge under 'total_charge' and drop 'charge', so that a structure (and
+    every frame written from it) carries one value."""
+    for key in TOTAL_CHARGE_KEYS[1:]:
+        info.pop(key, None)
+    info[TOTAL_CHARGE_KEYS[0]] = float(value)
+
+
+# --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray, source: str = "structure",
+               min_width: float = MIN_DISTANCE) -> None:
+    """DataError unless every periodic direction has a lattice plane spacing >= `min_width` Å.
+
+    Run before any neighbour search: a near-zero lattice vector (or a flat cell) asks for
+    cutoff/width images along it, which does not finish; a singular cell has no inverse.
+    """
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool).reshape(-1)
+    periodic = [a for a in range(3) if pbc[a]]
+    if not periodic:
+        return
+    if cell.shape != (3, 3) or not np.isfinite(cell).all():
+        raise DataError(f"{source}: the cell must be 3x3 finite numbers, got {cell.tolist()}")
+    vectors = cell[periodic]
+    for a, width in zip(periodic, _plane_spacings(vectors)):
+        if not width >= min_width:
+            what = ("is singular (zero or linearly dependent lattice vectors)" if not width > 1e-9
+                    else "is too small: every atom overlaps its own periodic image")
+            raise DataError(f"{source}: pbc is {pbc.tolist()} but the cell {what}; plane spacing along "
+                            f"lattice vector {a} is {width:.3g} Å < {min_width} Å (cell "
+                            f"{np.round(cell, 6).tolist()})")
+
+
+def _plane_spacings(vectors: np.ndarray) -> np.ndarray:
+    """Spacing of the lattice planes along each of 1-3 lattice vectors (rows), within their span."""
+    if len(vectors) == 1:
+        return np.linalg.norm(vectors, axis=1)
+    spacings = []
+    for a in range(len(vectors)):
+        others = np.delete(vectors, a, axis=0)
+        # the part of vector a orthogonal to the others: its length is the plane spacing
+        coef, *_ = np.linalg.lstsq(others.T, vectors[a], rcond=None)
+        spacings.append(float(np.linalg.norm(vectors[a] - others.T @ coef)))
+    return np.array(spacings)
+
+
 
 
 def _finite(name: str, value: Any, source: str, per_atom: bool = False) -> None:
@@ -240,12 +336,7 @@ def validate_configuration(config: Configuration, source: str = "structure",
     _shape("cell", config.cell, (3, 3), source)
     _finite("cell", config.cell, source)
     _shape("pbc", config.pbc, (3,), source)
-    periodic = np.flatnonzero(config.pbc)
-    if len(periodic):
-        vectors = config.cell[periodic]
-        if np.linalg.matrix_rank(vectors, tol=1e-8) < len(periodic):
-            raise DataError(f"{source}: pbc is {config.pbc.tolist()} but the lattice vectors of the "
-                            f"periodic directions are zero or degenerate (cell {config.cell.tolist()})")
+    check_cell(config.cell, config.pbc, source)
     if config.energy is not None and not math.isfinite(config.energy):
         raise DataError(f"{source}: energy is {config.energy}")
     for name, shape in LABEL_SHAPES.items():
@@ -276,18 +367,32 @@ def _check_overlaps(config: Configuration, source: str, min_distance: float) -> 
     i, j = edge_index.numpy()
     shifts = shifts.numpy()
     d = np.linalg.norm(pos[j] - pos[i] + shifts @ config.cell, axis=1)
-    close = np.flatnonzero(d < min_distance)
+    problem = closest_pair_problem(config.atomic_numbers, i, j, shifts, d, min_distance)
+    if problem:
+        raise DataError(f"{source}: {problem}")
+    problem = closest_pair_problem(config.atomic_numbers, i, j, shifts, d, CLOSE_DISTANCE)
+    if problem:
+        warnings.warn(f"{source}: {problem}", UserWarning, stacklevel=2)
+
+
+def closest_pair_problem(numbers: np.ndarray, i: np.ndarray, j: np.ndarray, shifts: np.ndarray,
+                         d: np.ndarray, limit: float) -> str:
+    """A sentence about the closest pair (edge arrays i, j, shifts, distances d) when it is
+    closer than `limit` Å, else "". Shared by the readers and the calculator."""
+    close = np.flatnonzero(d < limit)
     if not len(close):
-        return
+        return ""
     e = close[np.argmin(d[close])]
     a, b = int(i[e]), int(j[e])
-    sa, sb = _symbol(int(config.atomic_numbers[a])), _symbol(int(config.atomic_numbers[b]))
+    sa, sb = _symbol(int(numbers[a])), _symbol(int(numbers[b]))
     if a == b:
-        raise DataError(f"{source}: atom {a} ({sa}) is {d[e]:.4f} Å from its own periodic image "
-                        f"(< {min_distance} Å): the cell is too small")
-    across = " across the periodic boundary" if np.any(shifts[e] != 0) else ""
-    raise DataError(f"{source}: overlapping atoms {min(a, b)} ({sa if a < b else sb}) and {max(a, b)} "
-                    f"({sb if a < b else sa}) are {d[e]:.4f} Å apart{across} (< {min_distance} Å)")
+        return (f"atom {a} ({sa}) is {d[e]:.4f} Å from its own periodic image (< {limit} Å): "
+                f"the cell is too small")
+    across = np.any(shifts[e] != 0)
+    hint = ("; the periodic images overlap: is the cell too small for the structure?" if across
+            else ("; coincident atoms" if d[e] < MIN_DISTANCE else ""))
+    return (f"overlapping atoms {min(a, b)} ({sa if a < b else sb}) and {max(a, b)} ({sb if a < b else sa}) "
+            f"are {d[e]:.4f} Å apart{' across the periodic boundary' if across else ''} (< {limit} Å){hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,11 +470,10 @@ def configuration_from_atoms(atoms, keys: Any = None, default_total_charge: floa
         if bec.size != n * 9:
             raise DataError(f"{source}: BEC ('{k.bec}') has shape {bec.shape}, expected ({n}, 9) or ({n}, 3, 3)")
         bec = bec.reshape(n, 3, 3)
-    total_charge = get(k.total_charge, False)
-    if total_charge is None and k.total_charge == "total_charge":
-        total_charge = get("charge", False)
-    total_charge = default_total_charge if total_charge is None else _as_scalar(total_charge, "total charge", source)
-    total_charge += 0.0  # -0.0 -> 0.0
+    total_charge, charge_key = find_total_charge(atoms, source, k.total_charge)
+    consumed.update(TOTAL_CHARGE_KEYS if k.total_charge == TOTAL_CHARGE_KEYS[0] else (k.total_charge,))
+    if total_charge is None:
+        total_charge = float(default_total_charge) + 0.0
     weight = get(k.weight, False)
     weight = 1.0 if weight is None else _as_scalar(weight, f"weight ('{k.weight}')", source)
     field_ = get(k.external_field, False)
@@ -381,7 +485,7 @@ def configuration_from_atoms(atoms, keys: Any = None, default_total_charge: floa
     config = Configuration(
         atomic_numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell.array, pbc=atoms.pbc,
         energy=energy, forces=forces, stress=stress, virials=virials, dipole=dipole, bec=bec,
-        total_charge=total_charge, weight=weight, external_field=field_, info=info)
+        total_charge=total_charge, weight=weight, external_field=field_, info=info, total_charge_key=charge_key)
     validate_configuration(config, source, spec.required, min_distance)
     return config
 
@@ -495,7 +599,7 @@ def _read_n2p2(path: Path, spec: KeySpec, default_total_charge: float, index: An
                         atomic_numbers=numbers, positions=positions, cell=cell, pbc=np.full(3, periodic),
                         energy=None if frame["energy"] is None else frame["energy"] * energy_unit, forces=forces,
                         total_charge=default_total_charge if frame["charge"] is None else frame["charge"],
-                        info=info)
+                        info=info, total_charge_key=None if frame["charge"] is None else "charge")
                     out.append((config, f"{path}: frame {len(out)} (lines {frame['line']}-{lineno})"))
                     frame = None
                 else:

@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 #: Per-structure arrays stored with a mask (only when some structure has them).
 _PER_CONFIG = ("energy", "stress", "virials", "dipole", "external_field")
 _ATOM_CHUNK = 2048
+#: Rows read at a time when a whole set is validated.
+_VALIDATE_ROWS = 1 << 20
 
 
 def _atomic_numbers(elements: Optional[Sequence[Union[str, int]]]) -> Optional[List[int]]:
@@ -250,10 +252,81 @@ class HDF5Dataset(torch.utils.data.Dataset):
                     f["atoms"][name].shape  # noqa: B018 - presence check
             except (KeyError, OSError, ValueError) as exc:
                 raise DataError(f"{self.path}: corrupt polarmace dataset: {exc}") from exc
-        for name in ("ptr", "cell", "pbc", "total_charge", "weight", "info"):
-            if name not in self._configs:
-                raise DataError(f"{self.path}: corrupt polarmace dataset: missing configs/{name}")
-        self._ptr = self._configs["ptr"].astype(np.int64)
+            for name in ("ptr", "cell", "pbc", "total_charge", "weight", "info"):
+                if name not in self._configs:
+                    raise DataError(f"{self.path}: corrupt polarmace dataset: missing configs/{name}")
+            self._ptr = self._configs["ptr"].astype(np.int64)
+            self._check_layout({name: f["atoms"][name].shape[0] for name in f["atoms"]})
+
+    def _check_layout(self, atom_rows: Dict[str, int]) -> None:
+        """DataError naming the array and the first structure it fails for, when the arrays do
+        not fit together (a missing row would otherwise shift every later structure)."""
+        ptr = self._ptr
+        if ptr.ndim != 1 or len(ptr) < 2 or ptr[0] != 0:
+            raise DataError(f"{self.path}: corrupt polarmace dataset: configs/ptr must start at 0 and "
+                            f"hold one entry more than there are structures")
+        sizes = np.diff(ptr)
+        if (sizes < 1).any():
+            raise DataError(f"{self.path}: structure {int(np.flatnonzero(sizes < 1)[0])}: no atoms "
+                            f"(configs/ptr is not increasing)")
+        for name, rows in atom_rows.items():
+            if rows != ptr[-1]:
+                first = int(np.searchsorted(ptr, min(rows, int(ptr[-1])), side="right") - 1)
+                raise DataError(f"{self.path}: structure {min(first, len(sizes) - 1)}: atoms/{name} has {rows} "
+                                f"rows for {int(ptr[-1])} atoms (missing or extra rows)")
+        for name, values in self._configs.items():
+            if name != "ptr" and len(values) != len(sizes):
+                raise DataError(f"{self.path}: configs/{name} has {len(values)} entries for {len(sizes)} "
+                                f"structures (missing or extra rows)")
+
+    def validate(self, required: Sequence[str] = ()) -> None:
+        """Check every structure (NaN/inf, elements, cells, labels, `required` labels) in bulk;
+        DataError naming the file, the structure and the problem. Overlaps were checked when
+        the file was written (polarmace-prepare)."""
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            for name in ["atomic_numbers", "positions"] + self._per_atom:
+                values = f["atoms"][name]
+                for start in range(0, values.shape[0], _VALIDATE_ROWS):
+                    block = values[start:start + _VALIDATE_ROWS]
+                    bad = self._bad_rows(name, block, start)
+                    if len(bad):
+                        self._report(int(np.searchsorted(self._ptr, bad[0], side="right") - 1))
+        for name in ("cell", "total_charge", "weight") + tuple(n for n in _PER_CONFIG if n in self._configs):
+            values = np.asarray(self._configs[name], dtype=np.float64).reshape(len(self), -1)
+            mask = self._configs.get(f"{name}_mask", np.ones(len(self), dtype=bool)).astype(bool)
+            bad = np.flatnonzero(mask & ~np.isfinite(values).all(axis=1))
+            if len(bad):
+                self._report(int(bad[0]))
+        for label in required:
+            missing = np.flatnonzero(~self.label_mask(label))
+            if len(missing):
+                raise DataError(f"{self.path}: structure {int(missing[0])}: required label '{label}' is missing")
+        for index in np.flatnonzero(self._configs["pbc"].any(axis=1)):
+            self._report(int(index), cell_only=True)
+
+    def _bad_rows(self, name: str, block: np.ndarray, start: int) -> np.ndarray:
+        """Atom rows (global indices) of `block` that cannot be right."""
+        flat = block.reshape(block.shape[0], -1)
+        if name == "atomic_numbers":
+            from ase.data import chemical_symbols
+
+            ok = (flat >= 1) & (flat < len(chemical_symbols))
+        else:  # rows of structures without a per-atom label hold zeros, so NaN is always wrong
+            ok = np.isfinite(flat)
+        return start + np.flatnonzero(~ok.all(axis=1))
+
+    def _report(self, index: int, cell_only: bool = False) -> None:
+        """Raise the DataError that validating structure `index` gives (if any)."""
+        from .atoms import check_cell
+
+        source = f"{self.path}: structure {index}"
+        if cell_only:
+            check_cell(self._configs["cell"][index], self._configs["pbc"][index], source)
+            return
+        validate_configuration(self[index], source, min_distance=None)
+        raise DataError(f"{source}: invalid values")  # pragma: no cover - validate names the problem
 
     @property
     def num_atoms(self) -> np.ndarray:
@@ -284,10 +357,13 @@ class HDF5Dataset(torch.utils.data.Dataset):
             raise DataError(f"{self.path}: cannot read structure {index} (corrupt file?): {exc}") from exc
         labels = {name: c[name][index] if name in c and c[f"{name}_mask"][index] else None for name in _PER_CONFIG}
         info = c["info"][index]
-        return Configuration(
+        config = Configuration(
             atomic_numbers=numbers, positions=positions, cell=c["cell"][index], pbc=c["pbc"][index],
             total_charge=c["total_charge"][index], weight=c["weight"][index],
             info=json.loads(info.decode() if isinstance(info, bytes) else info), **labels, **per_atom)
+        # cheap (no overlap search), and a NaN never reaches a loss unnamed
+        validate_configuration(config, f"{self.path}: structure {index}", min_distance=None)
+        return config
 
     def label_mask(self, label: str) -> np.ndarray:
         """[B] bool: which structures carry `label` (one of LABEL_NAMES)."""
@@ -332,10 +408,6 @@ def open_dataset(path: Union[str, Path], keys: Any = None, default_total_charge:
 
     if detect_format(path) == "hdf5":
         dataset = HDF5Dataset(path)
-        spec = KeySpec.from_config(keys, required)
-        for label in spec.required:
-            missing = np.flatnonzero(~dataset.label_mask(label))
-            if len(missing):
-                raise DataError(f"{path}: structure {int(missing[0])}: required label '{label}' is missing")
+        dataset.validate(KeySpec.from_config(keys, required).required)
         return dataset
     return read_configurations(path, keys, default_total_charge, required=required)

@@ -75,6 +75,7 @@ def validate_inputs(
         else:
             _check_shape("alpha", alpha, [n, 3, 3])
         _check_finite("alpha", alpha)
+        _check_polarizability(alpha)
     if external_field is not None:
         _check_shape("external_field", external_field, [b, 3])
         _check_finite("external_field", external_field)
@@ -110,3 +111,26 @@ def _check_cell(cell: torch.Tensor, pbc: torch.Tensor) -> None:
         if bool((det < 1e-8 * vol_scale).any()):
             raise ValueError("electrostatics: 'cell' is singular for a periodic or slab structure "
                              "(slabs need a padded 3D cell with vacuum along the third vector)")
+
+
+def _check_polarizability(alpha: torch.Tensor) -> None:
+    """α_i >= 0 (scalar) or symmetric positive semi-definite (3×3): a negative polarizability
+    makes −½ F·α·F unbounded below and the induced dipoles point against the field."""
+    a = alpha.detach()
+    tol = 1e-6 if a.dtype == torch.float64 else 1e-4
+    if a.dim() == 1:
+        if bool((a < 0).any()):
+            raise ValueError("electrostatics: 'alpha' (polarizability) must be >= 0; min = "
+                             + str(float(a.min())) + " at atom " + str(int(torch.argmin(a))))
+        return
+    if a.shape[0] == 0:
+        return
+    scale = a.abs().amax(dim=(1, 2)) + 1e-30
+    asym = (a - a.transpose(1, 2)).abs().amax(dim=(1, 2))
+    if bool((asym > tol * scale).any()):
+        raise ValueError("electrostatics: 'alpha' (polarizability) must be symmetric; max |α - αᵀ| = "
+                         + str(float(asym.max())) + " at atom " + str(int(torch.argmax(asym / scale))))
+    lowest = torch.linalg.eigvalsh(0.5 * (a + a.transpose(1, 2)))[:, 0]
+    if bool((lowest < -tol * scale).any()):
+        raise ValueError("electrostatics: 'alpha' (polarizability) must be positive semi-definite; lowest "
+                         "eigenvalue = " + str(float(lowest.min())) + " at atom " + str(int(torch.argmin(lowest / scale))))

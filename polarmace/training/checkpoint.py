@@ -23,6 +23,8 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import ModelFileError, output_error
+
 _PATTERN = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 
@@ -56,19 +58,26 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _atomic_write(path: os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
-    """Write through a temporary file + fsync + os.replace: a kill never leaves a torn file."""
+    """Write through a temporary file + fsync + os.replace: a kill never leaves a torn file.
+
+    A failed write (no permission, not a directory, disk full) is an OutputError naming `path`
+    (a full disk says "no space left on device", whatever torch.save reported)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        error = output_error(path, exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        if error is not None:
+            raise error from exc
         raise
 
 
@@ -127,5 +136,7 @@ class CheckpointHandler:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:
-            raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        except Exception as exc:  # torch.load raises many kinds for a torn or foreign file
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ModelFileError(f"{path}: cannot read this checkpoint ({reason}); remove it to resume "
+                                 f"from the one before") from exc

@@ -34,6 +34,7 @@ import torch
 from . import distributed as ddp
 from . import plots
 from .checkpoint import CheckpointHandler, atomic_save, atomic_write_text, set_rng_state, versions
+from .lock import RunExistsError, RunLock
 from .ema import ExponentialMovingAverage
 from .loss import TERMS, WeightedLoss
 from .metrics import MetricsAccumulator, format_table
@@ -125,7 +126,9 @@ def read_source(path: str, data_cfg: Mapping[str, Any]) -> Sequence:
     if suffix in (".h5", ".hdf5"):
         from polarmace.data.hdf5 import HDF5Dataset
 
-        return HDF5Dataset(path)
+        dataset = HDF5Dataset(path)
+        dataset.validate(list(data_cfg.get("required_labels") or []))  # NaN, missing rows: named here, not in a loss
+        return dataset
     return atoms_mod.read_configurations(
         path, keys=dict(data_cfg.get("keys") or {}) or None,
         default_total_charge=float(data_cfg.get("default_total_charge", 0.0) or 0.0),
@@ -153,9 +156,12 @@ class DataSplits:
 def build_data(cfg: Mapping[str, Any], run_dir: Path, resume: bool, is_main: bool = True) -> DataSplits:
     """Read the data files and split them by seed; the split is saved to (and on resume read
     from) ``run_dir/splits.json``."""
+    from polarmace.config import ConfigError
+    from polarmace.errors import DataError
+
     dcfg = _section(cfg, "data")
     if not dcfg.get("train"):
-        raise ValueError("data.train is required (a .xyz/.extxyz/input.data/.h5 file)")
+        raise ConfigError("data.train is not set: give the training file (.xyz/.extxyz, input.data or .h5)")
     train_src = read_source(str(dcfg["train"]), dcfg)
     valid_src = read_source(str(dcfg["valid"]), dcfg) if dcfg.get("valid") else None
     test_src = read_source(str(dcfg["test"]), dcfg) if dcfg.get("test") else None
@@ -163,8 +169,12 @@ def build_data(cfg: Mapping[str, Any], run_dir: Path, resume: bool, is_main: boo
     if resume and split_path.exists():
         saved = json.loads(split_path.read_text())
         if saved.get("num_source") != len(train_src):
-            raise ValueError(f"{split_path}: saved split is for {saved.get('num_source')} configurations, "
-                             f"{dcfg['train']} has {len(train_src)}")
+            raise DataError(f"--resume: data.train {dcfg['train']} has {len(train_src)} structures, but the run in "
+                            f"{run_dir} was trained on {saved.get('num_source')} ({saved.get('source')}, see "
+                            f"{split_path.name}); resume with the same data or start a new run elsewhere")
+        if saved.get("source") not in (None, str(dcfg["train"])):
+            log.warning("resume: data.train is %s, the run was started with %s (same number of structures: "
+                        "the saved split is used)", dcfg["train"], saved.get("source"))
         idx = saved
     else:
         vf = 0.0 if valid_src is not None else float(dcfg.get("valid_fraction", 0.1) or 0.0)
@@ -178,7 +188,8 @@ def build_data(cfg: Mapping[str, Any], run_dir: Path, resume: bool, is_main: boo
     valid = valid_src if valid_src is not None else (Subset(train_src, idx["valid"]) if idx["valid"] else None)
     test = test_src if test_src is not None else (Subset(train_src, idx["test"]) if idx["test"] else None)
     if len(train) == 0:
-        raise ValueError("the training split is empty")
+        raise ConfigError(f"data.valid_fraction/test_fraction leave no training structure of the "
+                          f"{len(train_src)} in {dcfg['train']}")
     return DataSplits(train, valid, test, idx)
 
 
@@ -304,7 +315,10 @@ def compute_statistics(train: Sequence, cfg: Mapping[str, Any], batch_size: int 
     if elements:
         missing = sorted(zs_all - {_z(s) for s in elements})
         if missing:
-            raise ValueError(f"model.elements {elements} lacks {[_symbol(z) for z in missing]} present in the data")
+            from polarmace.config import ConfigError
+
+            raise ConfigError(f"invalid value for 'model.elements': {elements} lacks "
+                              f"{[_symbol(z) for z in missing]}, present in the training data")
         elements = list(elements)
     else:
         elements = [_symbol(z) for z in sorted(zs_all)]
@@ -329,7 +343,9 @@ def _e0s(spec: Any, elements: List[str], rows) -> Dict[str, float]:
     if isinstance(spec, Mapping):
         missing = [s for s in elements if s not in spec]
         if missing:
-            raise ValueError(f"model.e0s lacks {missing}")
+            from polarmace.config import ConfigError
+
+            raise ConfigError(f"invalid value for 'model.e0s': no E0 for {missing}, present in the training data")
         return {s: float(spec[s]) for s in elements}
     if not rows:
         warnings.warn("no energy labels in the training data: E0s set to 0", UserWarning, stacklevel=2)
@@ -510,8 +526,13 @@ def _setup_logging(run_dir: Path, is_main: bool) -> List[logging.Handler]:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     h1 = logging.StreamHandler(sys.stdout)
     h1.setFormatter(fmt)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    h2 = logging.FileHandler(run_dir / "train.log")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        h2 = logging.FileHandler(run_dir / "train.log")
+    except OSError as exc:
+        from polarmace.errors import output_error
+
+        raise output_error(run_dir / "train.log", exc) from exc
     h2.setFormatter(fmt)
     for h in (h1, h2):
         log.addHandler(h)
@@ -593,12 +614,22 @@ def _default_factory() -> Callable:
 
 
 def _save_model(model: torch.nn.Module, path: Path) -> None:
+    from polarmace.errors import output_error
+
     tmp = path.with_name(f".{path.name}.tmp")
-    if hasattr(model, "save"):
-        model.save(str(tmp))
-    else:  # pragma: no cover - contract says models have save()
-        torch.save({"config": getattr(model, "config", None), "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    try:
+        if hasattr(model, "save"):
+            model.save(str(tmp))
+        else:  # pragma: no cover - contract says models have save()
+            torch.save({"config": getattr(model, "config", None), "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if tmp.exists():
+            tmp.unlink()
+        error = output_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _fire(callbacks: Sequence[Callback], event: str, state: Dict[str, Any]) -> None:
@@ -625,19 +656,32 @@ def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = 
     times (:func:`training_time`, carried by checkpoints) pass the budget and then finishes as
     after its last epoch (best/EMA weights, final model, metrics on every split).
     """
+    from polarmace.errors import resolve_device
+
     cfg = resolve_config(config, overrides)
     explicit = explicit_loss_terms(config, overrides)
     tcfg, dcfg, ocfg, mcfg = (_section(cfg, s) for s in ("training", "data", "output", "model"))
-    device = torch.device(tcfg.get("device", "cpu") or "cpu")
+    if not dcfg.get("train"):
+        from polarmace.config import ConfigError
+
+        raise ConfigError("data.train is not set: give the training file (.xyz/.extxyz, input.data or .h5) "
+                          "in the config or as the override data.train=PATH")
+    device = resolve_device(str(tcfg.get("device", "cpu") or "cpu"), "training.device")
     info = ddp.init(str(device))
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     dtype = getattr(torch, str(mcfg.get("dtype", "float64")))
     run_dir = run_directory(cfg)
-    handlers = _setup_logging(run_dir, info.is_main)
+    # the lock comes first: a second run in the same directory writes nothing, not even a log line
+    lock = RunLock(run_dir, "polarmace-train") if info.is_main else None
+    if lock is not None:
+        lock.acquire()
+    handlers: List[logging.Handler] = []
     old_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
     try:
+        _refuse_overwrite(run_dir, resume, int(ocfg.get("keep_checkpoints", 3) or 3))
+        handlers = _setup_logging(run_dir, info.is_main)
+        torch.set_default_dtype(dtype)
         return _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, explicit,
                       checkpoint_steps)
     finally:
@@ -645,6 +689,15 @@ def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = 
         for h in handlers:
             log.removeHandler(h)
             h.close()
+        if lock is not None:
+            lock.release()
+
+
+def _refuse_overwrite(run_dir: Path, resume: bool, keep: int) -> None:
+    """A new run (no --resume) never overwrites a directory that holds another run's checkpoints."""
+    if not resume and CheckpointHandler(run_dir, keep=keep).list():
+        raise RunExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                             "or choose another output.name / output.directory")
 
 
 def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, explicit,
@@ -652,9 +705,6 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
     tcfg, dcfg, ocfg = (_section(cfg, s) for s in ("training", "data", "output"))
     ckpts = CheckpointHandler(run_dir, keep=int(ocfg.get("keep_checkpoints", 3) or 3))
     latest = ckpts.latest() if resume else None
-    if not resume and ckpts.list():
-        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                              "or choose another output.name / output.directory")
     if resume and latest is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
     state = ckpts.load(latest) if latest is not None else None
@@ -665,9 +715,14 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
     random.seed(seed)
 
     data = build_data(cfg, run_dir, resume=state is not None, is_main=info.is_main)
+    changes: Dict[str, Tuple[Any, Any]] = {}
     if state is not None:
-        model_cfg, stats = state["config"], state["statistics"]
+        model_cfg, stats = copy.deepcopy(state["config"]), state["statistics"]
         _warn_config_changes(cfg, model_cfg)
+        # training.* keys: the changed ones are applied (or reported as ignored), and the
+        # checkpoint's config records what is in effect, so a later resume sees no change
+        tcfg, changes = resume_training_section(tcfg, model_cfg.get("training") or {})
+        model_cfg["training"] = copy.deepcopy(tcfg)
     else:
         stats = compute_statistics(data.train, cfg)
         model_cfg = copy.deepcopy(cfg)
@@ -677,7 +732,7 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
             model_cfg["model"]["avg_num_neighbors"] = stats["avg_num_neighbors"]
         for key in ("epochs", "patience", "eval_interval", "max_time"):  # run-length keys may change on resume
             model_cfg["training"][key] = cfg["training"].get(key)
-    epochs = int(cfg["training"].get("epochs") or 1)
+    epochs = int(tcfg.get("epochs", 100))  # 0: no training, the initial model is saved and evaluated
     model_cfg["training"]["epochs"] = epochs
 
     if info.is_main:
@@ -729,8 +784,11 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
         state_stopped_by = str(state.get("stopped_by", "epochs"))
         partial = state.get("partial") or {}
         set_rng_state(state["rng"])
+        in_stage_two = bool(partial.get("stage_two_applied")) or (bool(history) and int(history[-1].get("stage", 1)) == 2)
+        apply_training_changes(changes, optimizer, scheduler, ema, in_stage_two)
         if info.is_main:
-            log.info("resumed at epoch %d step %d (best %.6g)", start_epoch, start_step, best)
+            log.info("resumed at epoch %d step %d (best %.6g, lr %.3g)", start_epoch, start_step, best,
+                     current_lr(optimizer))
 
     r_max = float(model_cfg["model"].get("r_max", 5.0))
     batch_size = int(dcfg.get("batch_size", 4) or 4)
@@ -748,6 +806,7 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
             log.info("resuming a finished run: training.epochs/max_time now allow more training")
     s2_time = stage_two_time(tcfg)
     ckpt_every = checkpoint_steps
+    checkpoint_interval = max(int(ocfg.get("checkpoint_interval", 1) or 1), 1)
     make_plots = bool(ocfg.get("plots", True)) and info.is_main
     data_seed = int(dcfg.get("seed", 1) if dcfg.get("seed") is not None else seed)
 
@@ -866,10 +925,18 @@ def _train(cfg, model_factory, resume, callbacks, info, device, dtype, run_dir, 
                      elapsed + row["time_s"], max_time, epoch + 1)
         finished = stop or out_of_time or epoch + 1 >= epochs
         reason = "patience" if stop else ("time" if out_of_time else "epochs")
-        checkpoint(epoch + 1, 0, {"finished": finished, "stopped_by": reason})
+        if finished or (epoch + 1) % checkpoint_interval == 0:
+            checkpoint(epoch + 1, 0, {"finished": finished, "stopped_by": reason})
         _fire(callbacks, "epoch_end", {"epoch": epoch, "row": row, "model": model})
         epoch += 1
 
+    if epochs == 0 and state is None:
+        if info.is_main:
+            log.info("training.epochs is 0: no training; the initial model is saved and evaluated")
+        checkpoint(0, 0, {"finished": True, "stopped_by": "epochs"})  # a later --resume may train it
+    # the final evaluation's loss uses the weights of the stage training ended in, also when a
+    # run killed during that evaluation is resumed (the loop above then does not run)
+    loss_fn.set_weights(stage_weights(tcfg, int(history[-1].get("stage", 1)) if history else 1))
     return _finish(model, ema, data, loss_fn, cfg, model_cfg, run_dir, history, r_max, batch_size,
                    dtype, device, info, num_workers)
 
@@ -934,17 +1001,95 @@ def _progress(total: int, initial: int, epoch: int, enabled: bool):
 
 
 def _warn_config_changes(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
-    for section in ("model", "long_range", "data", "training"):
+    """Report model/long_range/data keys that differ from the checkpoint (training.* keys: see
+    `resume_training_section`)."""
+    for section in ("model", "long_range", "data"):
         a, b = cfg.get(section) or {}, saved.get(section) or {}
         for k in sorted(set(a) | set(b)):
             if section == "model" and k in ("elements", "e0s", "avg_num_neighbors"):
                 continue
-            if section == "training" and k in ("epochs", "patience", "eval_interval", "max_time"):
-                continue
             if a.get(k) != b.get(k):
-                log.warning("resume: %s.%s differs from the checkpoint (%r vs %r); the checkpoint's "
-                            "value is used for the model, the new one for training", section, k,
-                            a.get(k), b.get(k))
+                use = "the checkpoint's value is kept (the model is rebuilt from it)" if section != "data" \
+                    else "the new value is used"
+                log.warning("resume: %s.%s differs from the checkpoint (%r, was %r): %s", section, k,
+                            a.get(k), b.get(k), use)
+
+
+#: training.* keys a resumed run takes from the new config; the others keep the checkpoint's value
+#: (the restored optimizer/scheduler state and RNG streams are built for it).
+RESUME_APPLIED = ("epochs", "lr", "weight_decay", "lr_factor", "scheduler_patience", "min_lr", "loss_weights",
+                  "ema_decay", "stage_two", "clip_grad", "patience", "device", "eval_interval", "max_time")
+RESUME_IGNORED = {"optimizer": "the optimizer state of the checkpoint is restored",
+                  "amsgrad": "the optimizer state of the checkpoint is restored",
+                  "scheduler": "the scheduler state of the checkpoint is restored",
+                  "seed": "the random streams of the checkpoint are restored"}
+
+
+def resume_training_section(new: Mapping[str, Any], saved: Mapping[str, Any]
+                            ) -> Tuple[Dict[str, Any], Dict[str, Tuple[Any, Any]]]:
+    """(training section in effect, {key: (old, new)} of the applied changes) for a resume.
+
+    A changed key of RESUME_APPLIED takes the new value (logged); one of RESUME_IGNORED keeps
+    the checkpoint's value with a warning that says so.
+    """
+    effective = copy.deepcopy(dict(new))
+    changes: Dict[str, Tuple[Any, Any]] = {}
+    for key in sorted(set(new) | set(saved)):
+        old, value = saved.get(key), new.get(key)
+        if old == value or key not in saved:
+            continue
+        if key in RESUME_IGNORED:
+            effective[key] = copy.deepcopy(old)
+            log.warning("resume: training.%s = %r is ignored (the run keeps %r): %s; start a new run to "
+                        "change it", key, value, old, RESUME_IGNORED[key])
+        else:
+            changes[key] = (old, value)
+    return effective, changes
+
+
+def apply_training_changes(changes: Mapping[str, Tuple[Any, Any]], optimizer: torch.optim.Optimizer,
+                           scheduler: Any, ema: Optional[ExponentialMovingAverage], in_stage_two: bool) -> None:
+    """Put the changed training.* values into the restored optimizer, scheduler and EMA (their
+    states carry the old ones) and log each change."""
+    lr_key = None
+    if "lr" in changes and not in_stage_two:
+        lr_key = "lr"
+    st_old, st_new = changes.get("stage_two", ({}, {}))
+    if in_stage_two and (st_old or {}).get("lr") != (st_new or {}).get("lr") and (st_new or {}).get("lr"):
+        lr_key = "stage_two.lr"
+    if lr_key is not None:
+        lr = float(changes["lr"][1]) if lr_key == "lr" else float(st_new["lr"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if hasattr(scheduler, "base_lrs"):  # cosine: the schedule continues from the new value
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for key, (old, new) in changes.items():
+        if key == "lr" and in_stage_two:
+            log.warning("resume: training.lr = %r is not used now: stage two runs at training.stage_two.lr", new)
+            continue
+        if key == "weight_decay":
+            for group in optimizer.param_groups:
+                group["weight_decay"] = float(new or 0.0)
+        elif key in ("lr_factor", "scheduler_patience", "min_lr") and scheduler is not None:
+            _set_scheduler_option(scheduler, key, new)
+        elif key == "ema_decay" and ema is not None and new:
+            ema.decay = float(new)
+        note = f" (the optimizer continues at lr {float(optimizer.param_groups[0]['lr']):.3g})"             if key == "lr" or (key == "stage_two" and lr_key == "stage_two.lr") else ""
+        log.info("resume: training.%s changed from %r to %r: applied%s", key, old, new, note)
+
+
+def _set_scheduler_option(scheduler: Any, key: str, value: Any) -> None:
+    """lr_factor / scheduler_patience / min_lr into a restored plateau or cosine scheduler."""
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if key == "lr_factor" and plateau:
+        scheduler.factor = float(value)
+    elif key == "scheduler_patience" and plateau:
+        scheduler.patience = int(value)
+    elif key == "min_lr":
+        if plateau:
+            scheduler.min_lrs = [float(value or 0.0)] * len(scheduler.min_lrs)
+        else:
+            scheduler.eta_min = float(value or 0.0)
 
 
 def _write_yaml(cfg: Mapping[str, Any], path: Path) -> None:
