@@ -72,17 +72,11 @@ def test_hand_written_refuses_a_cell_under_autograd():
         _hand(pos, q, batch, cell, kv, km)
 
 
-@pytest.mark.parametrize("atoms,kspace", [(30, "converged"), (130, "converged"), (30, "les")])
-@pytest.mark.parametrize("moments", ["q", "q+mu", "q+mu+theta"])
-@pytest.mark.parametrize("charged", [False, True])
-def test_energy_route_equals_site_field_route(atoms, kspace, moments, charged):
-    """Ewald (30 atoms), PME (130 atoms) and the `les` k-set: energy and forces of the
-    energy-only route equal those of the site-field route."""
-    g = torch.Generator().manual_seed(atoms)
+def _random_multipoles(atoms, moments, seed):
+    g = torch.Generator().manual_seed(seed)
     cell = torch.stack([torch.eye(3) * 8.0, torch.tensor([[8.0, 0, 0], [1.0, 8.5, 0], [0.5, 0.3, 9.0]])])
     batch = torch.repeat_interleave(torch.arange(2), atoms)
     pos = torch.rand(2 * atoms, 3, generator=g) * 8.0
-    pbc = torch.ones(2, 3, dtype=torch.bool)
     q = torch.randn(2 * atoms, generator=g)
     kw = {}
     if "mu" in moments:
@@ -91,15 +85,40 @@ def test_energy_route_equals_site_field_route(atoms, kspace, moments, charged):
         t = 0.1 * torch.randn(2 * atoms, 3, 3, generator=g)
         t = t + t.transpose(1, 2)
         kw["quadrupoles"] = t - t.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] * torch.eye(3) / 3
+    return pos, cell, batch, q, kw
+
+
+def _energy_and_forces(engine, pos, cell, batch, q, kw, fields, total=None):
+    p = pos.clone().requires_grad_(True)
+    pbc = torch.ones(cell.shape[0], 3, dtype=torch.bool)
+    out = engine(p, cell, pbc, q, batch=batch, total_charge=total, compute_fields=fields, **kw)
+    return out.energy.detach(), -torch.autograd.grad(out.energy.sum(), p)[0], out
+
+
+@pytest.mark.parametrize("moments", ["q", "q+mu", "q+mu+theta"])
+def test_auto_energy_route_meets_the_accuracy(moments):
+    """`auto` may pick PME for the energy alone (cheaper in training); its energy and forces
+    stay within the requested accuracy of a converged (1e-10) Ewald sum."""
+    pos, cell, batch, q, kw = _random_multipoles(40, moments, seed=5)
+    exact = Electrostatics(sigma=1.0, method="ewald", accuracy=1e-10)
+    e0, f0, _ = _energy_and_forces(exact, pos, cell, batch, q, kw, True)
+    e1, f1, _ = _energy_and_forces(Electrostatics(sigma=1.0, accuracy=1e-6), pos, cell, batch, q, kw, False)
+    assert float((e1 - e0).abs().max() / e0.abs().max()) < 1e-6
+    assert float((f1 - f0).norm() / f0.norm()) < 1e-5   # field-type errors are ~10x the energy's
+
+
+@pytest.mark.parametrize("atoms,method,kspace", [(30, "ewald", "converged"), (130, "pme", "converged"),
+                                                 (30, "auto", "les")])
+@pytest.mark.parametrize("moments", ["q", "q+mu", "q+mu+theta"])
+@pytest.mark.parametrize("charged", [False, True])
+def test_energy_route_equals_site_field_route(atoms, method, kspace, moments, charged):
+    """Same method, two routes: Ewald, PME and the `les` k-set give the same energy and forces
+    from the energy-only route as from the site fields."""
+    pos, cell, batch, q, kw = _random_multipoles(atoms, moments, seed=atoms)
     total = torch.tensor([1.0, -0.5]) if charged else None
-    engine = Electrostatics(sigma=1.0, kspace=kspace)
-    results = []
-    for fields in (True, False):
-        p = pos.clone().requires_grad_(True)
-        out = engine(p, cell, pbc, q, batch=batch, total_charge=total, compute_fields=fields, **kw)
-        forces = -torch.autograd.grad(out.energy.sum(), p)[0]
-        results.append((out.energy.detach(), forces, out))
-    (e1, f1, o1), (e2, f2, o2) = results
+    engine = Electrostatics(sigma=1.0, method=method, kspace=kspace)
+    e1, f1, o1 = _energy_and_forces(engine, pos, cell, batch, q, kw, True, total)
+    e2, f2, o2 = _energy_and_forces(engine, pos, cell, batch, q, kw, False, total)
     assert torch.allclose(e1, e2, rtol=1e-12, atol=1e-12 * float(e1.abs().max()))
     assert torch.allclose(f1, f2, rtol=0.0, atol=1e-10 * float(f1.abs().max()))
     assert o1.potential.shape == (2 * atoms,) and o2.potential.shape == (0,)

@@ -343,6 +343,19 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         return not self._split(order)[2]
 
+    def _mesh_is_cheaper(self, cell: torch.Tensor, batch: torch.Tensor, kmax: float) -> bool:
+        """For the energy alone (training), whether PME beats the k-sum: the k-sum costs about
+        N·K with K ≈ k_end³V/(12π²) vectors, PME a nearly fixed stencil per atom. Measured
+        here (force-trained step, 4 cells, σ = 1, 1e-6): the two break even near N·K ≈ 4·10⁴
+        (32 ions in 9 Å cells); at 64 ions in 11.3 Å cells PME is 1.5× faster, in 23 Å cells
+        3.5× (sparse cells have many k-vectors per atom)."""
+        if self.method != "auto" or self.kspace != "converged":
+            return False
+        kend = kmax * self.taper_width
+        volume = float(torch.linalg.det(cell.detach()).abs().max())
+        largest = int(torch.bincount(batch, minlength=cell.shape[0]).max())
+        return largest * kend ** 3 * volume / (12.0 * math.pi ** 2) > 4.0e4
+
     def _periodic_energy(self, positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
                          q: torch.Tensor, mu: Optional[torch.Tensor],
                          theta: Optional[torch.Tensor]) -> torch.Tensor:
@@ -352,7 +365,7 @@ class Electrostatics(torch.nn.Module):
         num_structures = cell.shape[0]
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, _ = self._split(order)
-        if self._use_pme(batch, num_structures):
+        if self._use_pme(batch, num_structures) or self._mesh_is_cheaper(cell, batch, kmax):
             spline_order = self.pme_order
             if spline_order <= 0:
                 largest = int(torch.bincount(batch, minlength=num_structures).max())
