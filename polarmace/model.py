@@ -10,7 +10,6 @@ resolved config (stored in every saved file): no pickled modules.
 """
 
 import copy
-import pickle
 from typing import Any, Dict, Final, List, Mapping, Optional
 
 import torch

@@ -267,36 +267,44 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray, source: str = "structure",
     Run before any neighbour search: a near-zero lattice vector (or a flat cell) asks for
     cutoff/width images along it, which does not finish; a singular cell has no inverse.
     """
-    cell = np.asarray(cell, dtype=np.float64)
-    pbc = np.asarray(pbc, dtype=bool).reshape(-1)
-    periodic = [a for a in range(3) if pbc[a]]
+    flags = [bool(f) for f in np.asarray(pbc, dtype=bool).reshape(-1)]
+    periodic = [a for a in range(len(flags)) if flags[a]]
     if not periodic:
         return
+    cell = np.asarray(cell, dtype=np.float64)
     if cell.shape != (3, 3) or not np.isfinite(cell).all():
         raise DataError(f"{source}: the cell must be 3x3 finite numbers, got {cell.tolist()}")
-    vectors = cell[periodic]
-    for a, width in zip(periodic, _plane_spacings(vectors)):
+    rows = cell.tolist()
+    for a, width in zip(periodic, _plane_spacings([rows[a] for a in periodic])):
         if not width >= min_width:
             what = ("is singular (zero or linearly dependent lattice vectors)" if not width > 1e-9
                     else "is too small: every atom overlaps its own periodic image")
-            raise DataError(f"{source}: pbc is {pbc.tolist()} but the cell {what}; plane spacing along "
+            raise DataError(f"{source}: pbc is {flags} but the cell {what}; plane spacing along "
                             f"lattice vector {a} is {width:.3g} Å < {min_width} Å (cell "
-                            f"{np.round(cell, 6).tolist()})")
+                            f"{[[float(f'{x:.4g}') for x in row] for row in rows]})")
 
 
-def _plane_spacings(vectors: np.ndarray) -> np.ndarray:
-    """Spacing of the lattice planes along each of 1-3 lattice vectors (rows), within their span."""
+def _cross(u: List[float], v: List[float]) -> List[float]:
+    return [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+
+
+def _norm(u: List[float]) -> float:
+    return math.sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2])
+
+
+def _plane_spacings(vectors: List[List[float]]) -> List[float]:
+    """Spacing of the lattice planes along each of 1-3 lattice vectors (rows), within their span.
+    Closed forms in plain Python: this runs for every structure a neighbour list is built for
+    (a few µs; numpy calls on 3x3 arrays cost ~10x more)."""
     if len(vectors) == 1:
-        return np.linalg.norm(vectors, axis=1)
-    spacings = []
-    for a in range(len(vectors)):
-        others = np.delete(vectors, a, axis=0)
-        # the part of vector a orthogonal to the others: its length is the plane spacing
-        coef, *_ = np.linalg.lstsq(others.T, vectors[a], rcond=None)
-        spacings.append(float(np.linalg.norm(vectors[a] - others.T @ coef)))
-    return np.array(spacings)
-
-
+        return [_norm(vectors[0])]
+    if len(vectors) == 2:
+        area = _norm(_cross(vectors[0], vectors[1]))
+        return [area / max(_norm(vectors[1]), 1e-300), area / max(_norm(vectors[0]), 1e-300)]
+    a, b, c = vectors
+    bc, ca, ab = _cross(b, c), _cross(c, a), _cross(a, b)
+    volume = abs(a[0] * bc[0] + a[1] * bc[1] + a[2] * bc[2])
+    return [volume / max(_norm(f), 1e-300) for f in (bc, ca, ab)]
 
 
 def _finite(name: str, value: Any, source: str, per_atom: bool = False) -> None:
