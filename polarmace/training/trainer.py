@@ -985,8 +985,24 @@ def _finish(model, ema, data, loss_fn, cfg, model_cfg, run_dir, history, r_max, 
     if info.is_main and table:
         log.info("\n" + format_table(table, title=f"final errors ({which})"))
         atomic_write_text(json.dumps(table, indent=1), run_dir / "final_metrics.json")
+        _report_electrical(model, data, run_dir, batch_size)
     ddp.barrier(info)
     return TrainResult(run_dir, model_path, history, table.get("test", {}), model)
+
+
+def _report_electrical(model, data, run_dir: Path, batch_size: int) -> None:
+    """Log the learned charges per element (and BEC R² where the set has reference BEC) on the
+    test split, else the validation split; also written to electrical.json."""
+    from polarmace.training.electrical import electrical_summary, format_electrical
+
+    name, ds = ("test", data.test) if data.test is not None and len(data.test) else ("valid", data.valid)
+    if ds is None or not len(ds):
+        return
+    summary = electrical_summary(model, ds, batch_size=batch_size)
+    if summary is None:
+        return
+    log.info("\n" + format_electrical(summary, title=f"learned electrostatics, {name} split"))
+    atomic_write_text(json.dumps(summary, indent=1), run_dir / "electrical.json")
 
 
 def _progress(total: int, initial: int, epoch: int, enabled: bool):
