@@ -271,8 +271,8 @@ def test_drude_generator_marks_bec_frames(tmp_path):
     assert sum(has) == 1 and has.index(True) == int(plan.bec_subset()[0])
     for f, config in zip(frames, read_configurations(path)):
         assert ("BEC" in f.arrays) == f.info["has_bec"] == (config.bec is not None)
-        if f.info["has_bec"]:
-            assert np.abs(f.arrays["BEC"].reshape(-1, 3, 3).sum(axis=0)).max() < 1e-8
+        if f.info["has_bec"]:  # ASR; 64 entries written with 10 significant digits (≤ 5e-10 each)
+            assert np.abs(f.arrays["BEC"].reshape(-1, 3, 3).sum(axis=0)).max() < 1e-7
         assert f.info["drude_residual"] <= 1e-9
         assert np.allclose(f.arrays["true_charges"], [oi.CHARGE[s] for s in f.get_chemical_symbols()])
     assert len(oi.read_frames(tmp_path / "drude_test.extxyz")) == 1
