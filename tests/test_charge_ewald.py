@@ -9,7 +9,9 @@ import torch
 from polarmace.electrostatics import Electrostatics, ewald
 from polarmace.electrostatics.charge_ewald import charge_reciprocal_energy
 
-torch.set_default_dtype(torch.float64)
+# float64 per test (conftest's fixture restores the default): a module-level
+# set_default_dtype leaks into every module collected after this one (test_nn's float32 test).
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 BETA = 0.7
 
