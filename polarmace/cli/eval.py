@@ -71,6 +71,17 @@ def _check_elements(configs, first: int, known: List[str], data_path: str) -> No
                             f"is not one of the model's elements {', '.join(known)}")
 
 
+def eval_data_config(model, keys: Optional[Dict[str, str]] = None, total_charge: float = 0.0) -> Dict:
+    """The model's data section with the user's key overrides, no required labels, and the
+    total charge of structures whose file gives none."""
+    cfg = dict(getattr(model, "config", {}) or {})
+    dcfg = dict(cfg.get("data") or {})
+    dcfg["keys"] = {**(dcfg.get("keys") or {}), **(keys or {})}
+    dcfg["required_labels"] = []
+    dcfg["default_total_charge"] = float(total_charge)
+    return dcfg
+
+
 def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu",
                   keys: Optional[Dict[str, str]] = None, total_charge: float = 0.0):
     """(metrics dict, list of per-structure records, parity arrays). `total_charge`: of the
@@ -80,10 +91,7 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
     from polarmace.training.trainer import collate_graph, read_source, to_device
 
     cfg = dict(getattr(model, "config", {}) or {})
-    dcfg = dict(cfg.get("data") or {})
-    dcfg["keys"] = {**(dcfg.get("keys") or {}), **(keys or {})}
-    dcfg["required_labels"] = []
-    dcfg["default_total_charge"] = float(total_charge)
+    dcfg = eval_data_config(model, keys, total_charge)
     known = list((cfg.get("model") or {}).get("elements") or [])
     r_max = float((cfg.get("model") or {}).get("r_max", 5.0))
     dtype = next(model.parameters()).dtype
@@ -235,6 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from polarmace.config import ConfigError
     from polarmace.errors import output_error, resolve_device
+    from polarmace.training.electrical import format_electrical
 
     keys = _parse_keys(args.key)
     if args.batch_size < 1:
@@ -253,12 +262,28 @@ def _run(args: argparse.Namespace) -> int:
                              else "")
     model_default = float(((getattr(model, "config", {}) or {}).get("data") or {}).get("default_total_charge", 0.0) or 0.0)
     print(_charge_line(charges, model_default, args.total_charge))
+    electrical = _learned_electrostatics(model, args, keys)
     try:
         out.mkdir(parents=True, exist_ok=True)
         _write_outputs(args, out, metrics, records, arrays, charges)
+        if electrical is not None:
+            (out / "electrical.json").write_text(json.dumps(electrical, indent=1))
+            print(format_electrical(electrical, title=f"learned electrostatics on {Path(args.data).name}"))
     except OSError as exc:
         raise output_error(out, exc) from exc
     return 0
+
+
+def _learned_electrostatics(model, args: argparse.Namespace, keys: Dict[str, str]) -> Optional[Dict]:
+    """The model's mean charge per element and, where the file has BEC, BEC R² after one
+    global sign (the first 200 structures); None for models without charges."""
+    from polarmace.training.electrical import electrical_summary
+    from polarmace.training.trainer import read_source
+
+    if not getattr(model, "use_charges", False):
+        return None
+    dataset = read_source(args.data, eval_data_config(model, keys, args.total_charge))
+    return electrical_summary(model, dataset, batch_size=args.batch_size)
 
 
 def _write_outputs(args: argparse.Namespace, out: Path, metrics: Dict, records: List[Dict], arrays: Dict,
