@@ -318,8 +318,10 @@ def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -
     Differentiable with respect to the cell. k² = Σ_cd g_cd m_c m_d with the reciprocal metric
     g = (2π)² cell⁻¹ cell⁻ᵀ is assembled from K1×K2 partial sums (few full-mesh operations).
     In eager mode a cell that needs no gradient (MD and inference at fixed cell) reuses the
-    table of the last two cells; the cell-independent factors are always reused."""
-    if torch.jit.is_scripting() or cell.requires_grad:
+    table of the last two cells; the cell-independent factors are always reused. On an
+    accelerator the table is recomputed: keying it by the cell's values would copy the cell to
+    the host and wait for the device on every call."""
+    if torch.jit.is_scripting() or cell.requires_grad or cell.device.type != "cpu":
         return _influence_uncached(cell, beta, mesh, order)
     return _influence_cached(cell, beta, mesh, order)
 
