@@ -158,8 +158,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from polarmace.calculator import PolarMACECalculator
     from polarmace.errors import output_error, resolve_device
+    from polarmace.runtime import tune_allocator
 
     resolve_device(args.device, "--device")
+    tune_allocator()
     has_momenta = "momenta" in atoms.arrays and np.any(atoms.arrays["momenta"] != 0)
     if not args.no_init_velocities and not has_momenta:
         rng = np.random.default_rng(args.seed)

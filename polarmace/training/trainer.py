@@ -657,7 +657,9 @@ def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = 
     after its last epoch (best/EMA weights, final model, metrics on every split).
     """
     from polarmace.errors import resolve_device
+    from polarmace.runtime import tune_allocator
 
+    tune_allocator()  # speed only: no page-fault churn on the per-step buffers
     cfg = resolve_config(config, overrides)
     explicit = explicit_loss_terms(config, overrides)
     tcfg, dcfg, ocfg, mcfg = (_section(cfg, s) for s in ("training", "data", "output", "model"))
