@@ -292,28 +292,15 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, needs_real_space = self._split(order)
         if self._use_pme(batch, num_structures):
-            spline_order = self.pme_order
-            if spline_order <= 0:
-                # measured here: order 8 is fastest up to ~10^4 atoms; for very large cells with
-                # quadrupoles order 10 halves the time (the order-8 mesh must be much finer)
-                largest = int(torch.bincount(batch, minlength=num_structures).max())
-                spline_order = 10 if (theta is not None and largest > 50000) else 8
+            spline_order = self._spline_order(batch, num_structures, theta)
             mesh = pme.choose_mesh(cell, beta, self.accuracy, spline_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
                                                        mesh, spline_order, need_gradient)
         else:
-            if self.kspace == "les":
-                kvecs, kmask = ewald.les_kvectors(cell, self.dl)
-                phi, field, gradient = ewald.reciprocal_site_fields(
-                    positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient)
-            else:
-                # the converged set is tapered smoothly to zero between kmax and 1.1 kmax, so
-                # k-vectors that enter or leave under strain cause no jump (SPEC §2)
-                kend = kmax * self.taper_width
-                kvecs, kmask = ewald.converged_kvectors(cell, kend)
-                phi, field, gradient = ewald.reciprocal_site_fields(
-                    positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient,
-                    0, kmax, kend)
+            kvecs, kmask, start, end = self._kvectors(cell, kmax)
+            phi, field, gradient = ewald.reciprocal_site_fields(
+                positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient,
+                0, start, end)
         phi, field, gradient = self._subtract_self(phi, field, gradient, q, mu, theta, beta)
         if needs_real_space:
             cutoff = self._real_space_cutoff(beta, order)
@@ -332,6 +319,28 @@ class Electrostatics(torch.nn.Module):
             phi = phi + p
             field = field + f
         return phi, field, gradient
+
+    def _spline_order(self, batch: torch.Tensor, num_structures: int,
+                      theta: Optional[torch.Tensor]) -> int:
+        """PME B-spline order: the configured one, else 8; 10 for quadrupoles above 50,000
+        atoms (measured here: order 8 is fastest up to ~10^4 atoms; for very large cells with
+        quadrupoles order 10 halves the time, the order-8 mesh must be much finer)."""
+        if self.pme_order > 0:
+            return self.pme_order
+        largest = int(torch.bincount(batch, minlength=num_structures).max())
+        return 10 if (theta is not None and largest > 50000) else 8
+
+    def _kvectors(self, cell: torch.Tensor, kmax: float
+                  ) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(k-vectors, mask, taper start, taper end) of the k-sum. The converged set is tapered
+        smoothly to zero between kmax and 1.1 kmax, so k-vectors that enter or leave under
+        strain cause no jump (SPEC §2); the `les` set is the original untapered truncation."""
+        if self.kspace == "les":
+            kvecs, kmask = ewald.les_kvectors(cell, self.dl)
+            return kvecs, kmask, 0.0, 0.0
+        kend = kmax * self.taper_width
+        kvecs, kmask = ewald.converged_kvectors(cell, kend)
+        return kvecs, kmask, kmax, kend
 
     def _energy_route(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                       batch: torch.Tensor, mu: Optional[torch.Tensor],
@@ -366,23 +375,17 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, _ = self._split(order)
         if self._use_pme(batch, num_structures) or self._mesh_is_cheaper(cell, batch, kmax):
-            spline_order = self.pme_order
-            if spline_order <= 0:
-                largest = int(torch.bincount(batch, minlength=num_structures).max())
-                spline_order = 10 if (theta is not None and largest > 50000) else 8
+            spline_order = self._spline_order(batch, num_structures, theta)
             mesh = pme.choose_mesh(cell, beta, self.accuracy, spline_order, order)
             energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order)
-        elif self.kspace == "les":
-            kvecs, kmask = ewald.les_kvectors(cell, self.dl)
-            energy = ewald.reciprocal_energy(positions, batch, cell, q, mu, theta, beta, kvecs, kmask)
         else:
-            kend = kmax * self.taper_width
-            kvecs, kmask = ewald.converged_kvectors(cell, kend)
-            if mu is None and theta is None and not cell.requires_grad and not torch.jit.is_scripting():
-                energy = self._charge_energy(positions, batch, cell, q, beta, kvecs, kmask, kmax, kend)
+            kvecs, kmask, start, end = self._kvectors(cell, kmax)
+            if (self.kspace == "converged" and mu is None and theta is None
+                    and not cell.requires_grad and not torch.jit.is_scripting()):
+                energy = self._charge_energy(positions, batch, cell, q, beta, kvecs, kmask, start, end)
             else:
                 energy = ewald.reciprocal_energy(positions, batch, cell, q, mu, theta, beta, kvecs,
-                                                 kmask, 0, kmax, kend)
+                                                 kmask, 0, start, end)
         # self images: ½qφ_self, −½μ·E_self, −¼Θ:G_self with the terms of _subtract_self
         sqrt_pi = math.sqrt(math.pi)
         c1 = self.coulomb * 4.0 * beta ** 3 / (3.0 * sqrt_pi)
