@@ -9,7 +9,7 @@ the project's evaluation (`polarmace.cli.eval.evaluate_file`) plus the electrica
 
   energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å)                 every variant
   BEC MAE/RMSE (e) and R² after ONE global sign s = ±1, and s         test set with BEC
-  acoustic-sum-rule residual  mean_b ‖Σ_i Z*_i − Q_b·I‖_F (e, model, no sign applied)
+  acoustic-sum-rule residual  mean_b ‖Σ_i Z*_i − Q_b·I‖_F / N_b (e per atom, model, no sign)
   dipole MAE (e·Å, vector components per structure), raw and with s   test set with dipoles
   polarizability MAE (Å³): α = k_e ∂P/∂E_ext (autograd, the           test set with
     definition of the references) for the response variants            `polarizability`
@@ -69,7 +69,7 @@ COLUMNS = (
     ("alpha_mae", "a MAE", "{:.4f}"), ("alpha_sum_mae", "Sa MAE", "{:.4f}"),
     ("epochs", "epochs", "{:d}"), ("train_s", "train s", "{:.0f}"),
 )
-UNITS_LINE = ("E meV/atom, F meV/Å, BEC e (global sign s, charge-preserving flip), ASR = mean ‖Σ_i Z*_i − Q·I‖ e, "
+UNITS_LINE = ("E meV/atom, F meV/Å, BEC e (global sign s, charge-preserving flip), ASR = mean ‖Σ_i Z*_i − Q·I‖/N e/atom, "
               "D e·Å (components; (s): with the flip s), a = k_e ∂P/∂E Å³, Sa = k_e Σα_i Å³")
 
 
@@ -138,7 +138,7 @@ def git_state() -> Dict[str, Any]:
 def test_set_path(cfg: Mapping[str, Any], run_dir: Path) -> Path:
     """The test file: data.test, or the trainer's test split (run_dir/splits.json) of the
     training file written to run_dir/test_split.extxyz."""
-    from polarmace.training.trainer import read_source
+    from polarmace.data.sources import open_source as read_source
 
     dcfg = cfg["data"]
     if dcfg.get("test"):
@@ -189,7 +189,8 @@ def field_polarizability(model, configs: Sequence, batch_size: int) -> np.ndarra
     import torch
 
     from polarmace.electrostatics.observables import field_response
-    from polarmace.training.trainer import collate_graph, to_device
+    from polarmace.data.batching import to_device
+    from polarmace.data.graph import collate as collate_graph
     from polarmace.units import COULOMB
 
     dtype = next(model.parameters()).dtype
@@ -240,8 +241,13 @@ def bec_metrics(pred: Sequence[np.ndarray], ref: Sequence[np.ndarray],
 
 
 def asr_residual(bec: Sequence[np.ndarray], total_charge: Sequence[float]) -> float:
-    """mean over structures of ‖Σ_i Z*_i − Q·I‖_F (e); bec[b] is [N_b,3,3]."""
-    res = [np.linalg.norm(z.sum(0) - q * np.eye(3)) for z, q in zip(bec, total_charge)]
+    """mean over structures of ‖Σ_i Z*_i − Q·I‖_F / N (e per atom); bec[b] is [N_b,3,3].
+
+    Not zero for a periodic model whose charges depend on the geometry, and not a bug: the
+    phase-form Z* weighs a charge moved by Δs (fractional) with sin(2πΔs)/2π instead of Δs,
+    and the uniform neutralising shift makes every charge depend on every atom. A rigid
+    translation then appears to move charge. It is 0 for open structures and fixed charges."""
+    res = [np.linalg.norm(z.sum(0) - q * np.eye(3)) / len(z) for z, q in zip(bec, total_charge)]
     return float(np.mean(res))
 
 
@@ -287,7 +293,7 @@ def evaluate_variant(model_path: Path, test_path: Path, cfg: Mapping[str, Any], 
     import torch
 
     from polarmace.cli.eval import evaluate_file, load_model
-    from polarmace.training.trainer import read_source
+    from polarmace.data.sources import open_source as read_source
 
     model = load_model(str(model_path))
     with torch.enable_grad():
@@ -316,7 +322,8 @@ def model_polarizability_output(model, configs: Sequence, batch_size: int) -> np
     """The model's `polarizability` output (k_e Σ_i α_i, Å³) per structure [B,3,3]."""
     import torch
 
-    from polarmace.training.trainer import collate_graph, to_device
+    from polarmace.data.batching import to_device
+    from polarmace.data.graph import collate as collate_graph
 
     dtype = next(model.parameters()).dtype
     r_max = float(model.config["model"]["r_max"])
@@ -360,7 +367,8 @@ def run_variant(job: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     from polarmace.training.checkpoint import atomic_write_text
-    from polarmace.training.trainer import train, training_time
+    from polarmace.training.policy import training_time
+    from polarmace.training.trainer import train
 
     from polarmace.config import load_config
 

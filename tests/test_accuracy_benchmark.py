@@ -66,12 +66,13 @@ def test_global_sign_bec_metrics_and_sum_rule():
     m = acc.bec_metrics([q_flip[:, None, None] * np.eye(3)], [q_ref[:, None, None] * np.eye(3)], [1.0])
     assert m["sign"] == -1.0 and m["BEC_mae"] == pytest.approx(0.0, abs=1e-15)
     np.testing.assert_allclose(acc.sign_flipped_dipole(q_flip @ pos, pos, 1.0, -1.0), q_ref @ pos, atol=1e-12)
-    # rigid ions: Z*_i = q_i I, Σ_i Z*_i = Q I exactly; a charge error δ on one atom gives √3|δ|
+    # rigid ions: Z*_i = q_i I, Σ_i Z*_i = Q I exactly; a charge error δ on one of N atoms
+    # gives √3|δ|/N per atom
     q = np.array([1.0, -1.0, 1.0])
     z = [q[:, None, None] * np.eye(3)]
     assert acc.asr_residual(z, [1.0]) == 0.0
     z_bad = [(q + np.array([0.2, 0.0, 0.0]))[:, None, None] * np.eye(3)]
-    assert acc.asr_residual(z_bad, [1.0]) == pytest.approx(np.sqrt(3) * 0.2)
+    assert acc.asr_residual(z_bad, [1.0]) == pytest.approx(np.sqrt(3) * 0.2 / 3)
 
 
 @pytest.mark.usefixtures("float64_default")
@@ -80,7 +81,7 @@ def test_field_polarizability_matches_finite_differences(variant):
     from polarmace import build_model
     from polarmace.config import load_config
     from polarmace.data.atoms import configuration_from_atoms
-    from polarmace.training.trainer import collate_graph
+    from polarmace.data.graph import collate
     from polarmace.units import COULOMB
 
     acc = _benchmark()
@@ -93,7 +94,7 @@ def test_field_polarizability_matches_finite_differences(variant):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     alpha = acc.field_polarizability(model, configs, batch_size=2)
-    graph = collate_graph(configs, 5.0)
+    graph = collate(configs, 5.0)
     h, fd = 1e-4, np.zeros((2, 3, 3))
     for b in range(3):
         for s in (1.0, -1.0):
