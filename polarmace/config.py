@@ -155,9 +155,28 @@ class ModelConfig:
     scale_shift: bool = True
     #: Floating-point precision of the model.
     dtype: Literal["float64", "float32"] = "float64"
+    #: First interaction block: false = MACE's non-residual block (`--model MACE`), true = the
+    #: residual one (`--model ScaleShiftMACE`'s default: h¹ also gets an element-dependent linear
+    #: map of the embedding).
+    residual_first_block: bool = False
+    #: Energy readout of the last layer: "mlp" (SiLU MLP, `readout_mlp_hidden` units) or "linear".
+    #: MACE's only readout with num_interactions = 1 is linear; polarmace's default is the MLP.
+    readout: Literal["mlp", "linear"] = "mlp"
+    #: Hidden width of the last layer's readout MLP (MACE: MLP_irreps "16x0e").
+    readout_mlp_hidden: int = 16
+    #: Start from the weights of a polarmace model file (e.g. one written by polarmace-import-mace):
+    #: its trunk hyper-parameters and elements replace the ones above; the long-range heads keep
+    #: their fresh initialisation when the file has none (polarmace.nn.mace_import.initial_model).
+    init_from: Optional[str] = None
+    #: With init_from: train only the non-trunk weights for this many first epochs.
+    freeze_trunk_epochs: int = 0
+    #: With init_from: E0s, scale and shift from the "model" file or recomputed from the "data".
+    init_statistics: Literal["model", "data"] = "model"
 
     def __post_init__(self) -> None:
         s = "model"
+        _check(self.readout_mlp_hidden >= 1, f"{s}.readout_mlp_hidden", "must be >= 1")
+        _check(self.freeze_trunk_epochs >= 0, f"{s}.freeze_trunk_epochs", "must be >= 0")
         known = _symbols()
         if self.elements is not None:
             for e in self.elements:

@@ -85,6 +85,9 @@ class PolarMACE(torch.nn.Module):
             # Dipole, quadrupole and anisotropic-α readouts need vector features from the last
             # layer (with one interaction layer there are no earlier ones to read from).
             last_layer_scalars_only=not _needs_vector_features(lr),
+            residual_first=bool(m.get("residual_first_block", False)),
+            last_readout=str(m.get("readout", "mlp")),
+            readout_mlp_hidden=int(m.get("readout_mlp_hidden", 16)),
         )
         self.r_max = float(m["r_max"])
         lookup = torch.full((119,), -1, dtype=torch.long)

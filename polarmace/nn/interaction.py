@@ -24,7 +24,7 @@ o3.TensorProduct in tests/test_nn.py):
   rather than kept (custom autograd function, double-differentiable; TorchScript uses plain ops).
 """
 
-from __future__ import annotations
+
 
 import math
 from typing import Dict, List, Tuple
@@ -97,6 +97,9 @@ class ElementLinear(nn.Module):
 
     Nodes must be sorted by element, `counts[e]` of element e in a row.
     """
+
+    sources: List[int]
+    dims_out: List[int]
 
     def __init__(self, irreps_in: List[IrrepKey], irreps_out: List[IrrepKey], c_in: int, c_out: int,
                  num_elements: int):
@@ -225,15 +228,18 @@ def path_message(h: torch.Tensor, w: torch.Tensor, xj: torch.Tensor, m: torch.Te
 
 
 class FirstInteraction(nn.Module):
-    """Layer-1 interaction for element-only node features (MACE's non-residual first block).
+    """Layer-1 interaction for element-only node features.
 
     A = ElementLinear( Linear( Σ_j R(r_ij) ⊙ x_{z_j} ⊗ Y(r̂_ij) ) / avg_num_neighbors )
-    with x_z = Linear_up(embedding_z) (scalars only: paths 0e ⊗ Y_l -> l).
+    with x_z = Linear_up(embedding_z) (scalars only: paths 0e ⊗ Y_l -> l): MACE's non-residual
+    first block. With `residual` the element linear is left out (MACE's residual first block; the
+    trunk then adds the self-connection of the embedding after the product).
     """
 
     def __init__(self, num_elements: int, num_channels: int, max_ell: int, radial_sizes: List[int],
-                 avg_num_neighbors: float):
+                 avg_num_neighbors: float, residual: bool = False):
         super().__init__()
+        self.residual = bool(residual)
         c = int(num_channels)
         self.num_elements = int(num_elements)
         self.num_channels = c
@@ -244,7 +250,7 @@ class FirstInteraction(nn.Module):
         self.radial = RadialMLP(list(radial_sizes) + [self.num_paths * c])
         targets = target_irreps(max_ell)
         self.linear = ChannelLinear(targets, targets, c, c)
-        self.skip = ElementLinear(targets, targets, c, c, num_elements)
+        self.skip = ElementLinear(targets, [] if self.residual else targets, c, c, num_elements)
 
     def forward(self, embedding_table: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor,
                 sender_element: torch.Tensor, chunk_node: torch.Tensor, chunk: int, num_nodes: int,
@@ -271,6 +277,8 @@ class FirstInteraction(nn.Module):
         for l in range(self.max_ell + 1):
             t = torch.matmul(g.narrow(1, l * l, 2 * l + 1), w.narrow(1, l * c, c))  # [N, 2l+1, Z, C]
             msgs.append((t * x[None, None, :, :]).sum(2))  # [N, 2l+1, C]
+        if self.residual:
+            return self.linear(msgs)
         return self.skip(self.linear(msgs), counts)
 
 

@@ -24,9 +24,16 @@ default dtype is still exact after .double() (but .float() followed by .double()
 
 Structure (per layer t):  h⁰ = embedding(z)
   A^t = Interaction(h^{t−1})            (layer 1: FirstInteraction, no self-connection)
-  h^t = Linear(SymmetricContraction(A^t, z)) + ElementLinear(h^{t−1})  (no residual at t = 1)
+  h^t = Linear(SymmetricContraction(A^t, z)) + ElementLinear(h^{t−1})  (t = 1: no residual unless
+        residual_first)
   E_i += Readout^t(h^t scalars)
 Internally nodes are sorted by element and edges by receiver (chunks of `edge_chunk` slots).
+
+MACE variants: `residual_first` (False: MACE's non-residual first block, A¹ = ElementLinear(Linear(
+msg)); True: the residual first block of `mace_run_train --model ScaleShiftMACE`, A¹ = Linear(msg)
+and h¹ = Linear(SymmetricContraction(A¹)) + ElementLinear(h⁰)); `last_readout` ("mlp": SiLU MLP
+with `readout_mlp_hidden` units, polarmace's choice for every depth; "linear": a linear readout,
+which is MACE's only readout when num_interactions = 1).
 
 Options beyond MACE's hyper-parameters: `last_layer_scalars_only` (MACE: True; False keeps the
 hidden irreps in the last layer too, e.g. for dipole readouts that see both layers),
@@ -45,7 +52,7 @@ from e3nn import o3
 from torch import nn
 
 from .embedding import ElementEmbedding, ElementMapping
-from .interaction import ChannelLinear, FirstInteraction, Interaction, target_irreps
+from .interaction import ChannelLinear, ElementLinear, FirstInteraction, Interaction, target_irreps
 from .product import SymmetricContraction
 from .radial import RadialEmbedding
 from .readouts import LinearReadout, NonLinearReadout
@@ -105,8 +112,14 @@ class MACETrunk(nn.Module):
         readout_mlp_hidden: int = 16,
         edge_chunk: int = 16,
         low_memory: bool = True,
+        residual_first: bool = False,
+        last_readout: str = "mlp",
     ):
         super().__init__()
+        if last_readout not in ("mlp", "linear"):
+            raise ValueError(f"last_readout must be 'mlp' or 'linear', got {last_readout!r}")
+        self.residual_first = bool(residual_first)
+        self.last_readout = str(last_readout)
         if num_interactions < 1:
             raise ValueError("num_interactions must be >= 1")
         elements = [int(z) for z in elements]
@@ -138,7 +151,12 @@ class MACETrunk(nn.Module):
             last = t == num_interactions - 1
             layer_out.append([(0, 1)] if (last and last_layer_scalars_only) else list(hidden))
         self.layer_keys = layer_out
-        self.first = FirstInteraction(self.num_elements, c, max_ell, radial_sizes, avg_num_neighbors)
+        self.first = FirstInteraction(self.num_elements, c, max_ell, radial_sizes, avg_num_neighbors,
+                                      residual=self.residual_first)
+        # residual first block: self-connection of the embedding (0e only); an empty list otherwise,
+        # so that the state dict of a non-residual trunk is unchanged
+        self.first_skip = nn.ModuleList(
+            [ElementLinear([(0, 1)], layer_out[0], c, c, self.num_elements)] if self.residual_first else [])
         interactions = []
         for t in range(1, num_interactions):
             interactions.append(Interaction(layer_out[t - 1], layer_out[t], self.num_elements, c, max_ell,
@@ -150,7 +168,7 @@ class MACETrunk(nn.Module):
                     for t in range(num_interactions)]
         readouts = []
         for t in range(num_interactions):
-            if t == num_interactions - 1:
+            if t == num_interactions - 1 and self.last_readout == "mlp":
                 readouts.append(NonLinearReadout(c, readout_mlp_hidden))
             else:
                 readouts.append(LinearReadout(c))
@@ -215,6 +233,9 @@ class MACETrunk(nn.Module):
         a = self.first(self.embedding.table(), sh, radial, elem_sorted.index_select(0, sender_pad),
                        chunk_node, k0, n, counts)
         h = self.first_product(a, counts)
+        for skip in self.first_skip:
+            h0 = self.embedding.table().index_select(0, elem_sorted)[:, None, :]  # [N, 1, C]
+            h = [x + y for x, y in zip(h, skip([h0], counts))]
         energy = energy + self.first_readout(h[0])
         for x in h:
             feats_out.append(x.transpose(1, 2).reshape(n, -1))
