@@ -73,8 +73,13 @@ def measure(args) -> dict:
     from polarmace.config import load_config
     from polarmace.training import distributed as ddp
     from polarmace.training.loss import WeightedLoss
-    from polarmace.training.trainer import (_call_factory, build_optimizer, collate_graph, compute_statistics,
-                                            epoch_batches, read_source, to_device, train_step)
+    from polarmace.config import Config
+    from polarmace.data.batching import epoch_batches, to_device
+    from polarmace.data.graph import collate
+    from polarmace.data.sources import open_source
+    from polarmace.data.statistics import compute_statistics
+    from polarmace.training.loop import train_step
+    from polarmace.training.policy import build_optimizer
 
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
@@ -85,16 +90,17 @@ def measure(args) -> dict:
     cfg = load_config({"model": model_cfg, "long_range": {"variant": args.variant},
                        "data": {"train": args.data, "batch_size": args.batch_size},
                        "training": {"lr": 0.005, "device": args.device}}).to_dict()
-    data = read_source(args.data, cfg["data"])
-    stats = compute_statistics(data, cfg)
+    conf = Config.from_dict(cfg)
+    data = open_source(args.data, conf.data)
+    stats = compute_statistics(data, conf.model)
     cfg["model"].update(elements=stats["elements"], e0s=stats["e0s"], avg_num_neighbors=stats["avg_num_neighbors"])
     factory = _import(args.model_factory) if args.model_factory else _import("polarmace:build_model")
-    model = _call_factory(factory, cfg, stats).to(device)
+    model = factory(cfg, statistics=stats).to(device)
     loss_fn = WeightedLoss({"energy": 1.0, "forces": 100.0, "stress": 1.0})
     loss_fn.resolve(stats["labels"].keys(), log_active=False)
-    opt = build_optimizer(model, cfg["training"])
+    opt = build_optimizer(model, conf.training)
     batches = epoch_batches(len(data), args.batch_size, 1, 0)
-    graphs = [to_device(collate_graph([data[i] for i in b], float(cfg["model"]["r_max"])), device, dtype)
+    graphs = [to_device(collate([data[i] for i in b], float(cfg["model"]["r_max"])), device, dtype)
               for b in batches]
     info = ddp.DistInfo()
     train_step(model, opt, loss_fn, graphs[0], info, 10.0, None, dtype, device)  # warm-up

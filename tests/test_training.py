@@ -172,7 +172,7 @@ def test_ema_state_survives_a_checkpoint_round_trip(tmp_path):
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    from polarmace.training.trainer import epoch_batches
+    from polarmace.data.batching import epoch_batches
 
     a = epoch_batches(23, 4, seed=5, epoch=3)
     assert a == epoch_batches(23, 4, seed=5, epoch=3)
@@ -335,7 +335,8 @@ def _ddp_worker(rank: int, world: int, port: int, data_path: str, out_dir: str) 
     import torch.distributed as dist
 
     from polarmace.training import distributed as ddp
-    from polarmace.training.trainer import collate_graph, train_step
+    from polarmace.data.graph import collate
+    from polarmace.training.loop import train_step
 
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -343,7 +344,7 @@ def _ddp_worker(rank: int, world: int, port: int, data_path: str, out_dir: str) 
         info = ddp.DistInfo(rank, world, rank, "gloo")
         configs = _global_batch(data_path)
         mine = ddp.shard(list(range(len(configs))), rank, world)
-        graph = collate_graph([configs[i] for i in mine], 4.0)
+        graph = collate([configs[i] for i in mine], 4.0)
         model = toy_model.ToyModel({"model": {"elements": ["Cu", "Au"], "r_max": 4.0, "num_bessel": 6, "seed": 1}})
         loss_fn = WeightedLoss({"energy": 1.0, "forces": 10.0, "stress": 1.0})
         loss_fn.resolve(["energy", "forces", "stress"], log_active=False)
@@ -361,7 +362,8 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(dataset, tmp_pat
     import torch.multiprocessing as mp
 
     from polarmace.training import distributed as ddp
-    from polarmace.training.trainer import collate_graph, train_step
+    from polarmace.data.graph import collate
+    from polarmace.training.loop import train_step
 
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path)), nprocs=2, join=True)
     ddp_result = torch.load(tmp_path / "ddp.pt", weights_only=False)
@@ -370,7 +372,7 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(dataset, tmp_pat
     torch.set_default_dtype(torch.float64)
     try:
         configs = _global_batch(str(dataset))
-        graph = collate_graph(configs, 4.0)
+        graph = collate(configs, 4.0)
         model = toy_model.ToyModel({"model": {"elements": ["Cu", "Au"], "r_max": 4.0, "num_bessel": 6, "seed": 1}})
         loss_fn = WeightedLoss({"energy": 1.0, "forces": 10.0, "stress": 1.0})
         loss_fn.resolve(["energy", "forces", "stress"], log_active=False)
@@ -386,20 +388,20 @@ def test_ddp_gradients_equal_single_process_on_the_global_batch(dataset, tmp_pat
 
 # ------------------------------------------------------------------------ wall-time budget
 class _FakeClock:
-    """Replaces the trainer's `time` module; every optimiser step costs exactly 1 s."""
+    """Replaces the training loop's `time` module; every optimiser step costs exactly 1 s."""
 
     def __init__(self, monkeypatch):
-        from polarmace.training import trainer
+        from polarmace.training import loop
 
         self.now = 1000.0
-        step = trainer.train_step
+        step = loop.train_step
 
         def timed_step(*args, **kwargs):
             self.now += 1.0
             return step(*args, **kwargs)
 
-        monkeypatch.setattr(trainer, "time", self)
-        monkeypatch.setattr(trainer, "train_step", timed_step)
+        monkeypatch.setattr(loop, "time", self)
+        monkeypatch.setattr(loop, "train_step", timed_step)
 
     def time(self) -> float:
         return self.now

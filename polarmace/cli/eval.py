@@ -88,14 +88,16 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
     structures whose file gives none (see polarmace.data.atoms.total_charge_of)."""
     from polarmace.training.loss import bec_signs, fill_derived
     from polarmace.training.metrics import MetricsAccumulator
-    from polarmace.training.trainer import collate_graph, read_source, to_device
+    from polarmace.data.batching import to_device
+    from polarmace.data.graph import collate
+    from polarmace.data.sources import open_source
 
     cfg = dict(getattr(model, "config", {}) or {})
     dcfg = eval_data_config(model, keys, total_charge)
     known = list((cfg.get("model") or {}).get("elements") or [])
     r_max = float((cfg.get("model") or {}).get("r_max", 5.0))
     dtype = next(model.parameters()).dtype
-    dataset = read_source(data_path, dcfg)
+    dataset = open_source(data_path, dcfg)
     acc = MetricsAccumulator()
     records = []
     parity: Dict[str, List[np.ndarray]] = {}
@@ -104,7 +106,7 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
         configs = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         if known:
             _check_elements(configs, start, known, data_path)
-        graph = collate_graph(configs, r_max)
+        graph = collate(configs, r_max)
         graph = to_device(graph, torch.device(device), dtype)
         pred = model(dict(graph), compute_forces=True,
                      compute_stress=bool(graph["pbc"].any()) or "stress" in graph or "virials" in graph,
@@ -278,11 +280,11 @@ def _learned_electrostatics(model, args: argparse.Namespace, keys: Dict[str, str
     """The model's mean charge per element and, where the file has BEC, BEC R² after one
     global sign (the first 200 structures); None for models without charges."""
     from polarmace.training.electrical import electrical_summary
-    from polarmace.training.trainer import read_source
+    from polarmace.data.sources import open_source
 
     if not getattr(model, "use_charges", False):
         return None
-    dataset = read_source(args.data, eval_data_config(model, keys, args.total_charge))
+    dataset = open_source(args.data, eval_data_config(model, keys, args.total_charge))
     return electrical_summary(model, dataset, batch_size=args.batch_size)
 
 

@@ -1,6 +1,13 @@
-"""Training: weighted loss, EMA, atomic checkpoints, metrics, data-parallel helpers, trainer.
+"""Training: the trainer and its pieces.
 
-Entry point: :func:`polarmace.training.trainer.train` (``polarmace-train config.yaml``).
+- :mod:`.trainer`: `train()` (``polarmace-train config.yaml``), which puts the rest together;
+- :mod:`.state`: `TrainState` (model, optimizer, scheduler, EMA, position, history) and checkpoints of it;
+- :mod:`.policy`: optimiser/scheduler factories, stages, time budget, what a resume applies;
+- :mod:`.loop`: `train_step`, `train_epoch`, `run_epoch`, `evaluate`;
+- :mod:`.reporting`: logs, the epoch table, metrics files, final tables;
+- :mod:`.datasets`: the run's data and its saved split;
+- :mod:`.loss`, :mod:`.metrics`, :mod:`.ema`, :mod:`.checkpoint`, :mod:`.lock`, :mod:`.distributed`.
+
 Imports are lazy so that ``import polarmace.training.loss`` does not pull in the data stack.
 """
 

@@ -1,7 +1,7 @@
 """Data-parallel training with torch.distributed (launched by ``torchrun``).
 
 Backend: gloo on CPU, nccl on CUDA. Every rank builds the same global batches — a pure function
-of (seed, epoch), see :func:`polarmace.training.trainer.epoch_batches` — and takes its contiguous
+of (seed, epoch), see :func:`polarmace.data.batching.epoch_batches` — and takes its contiguous
 shard of each one (:func:`shard`). The loss denominators are summed over ranks before the loss is
 formed and the gradients are then all-reduced with SUM, so the update equals the single-process
 update on the global batch (up to floating-point summation order). We all-reduce gradients by
