@@ -644,13 +644,12 @@ def test_torchscript():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_open_2000_atoms_quadrupoles_time_and_memory(dtype):
-    """2,000 atoms with q, μ, Θ (σ = 1): energy + forces by autograd, < 10 s and < 4 GB.
+def test_open_2000_atoms_quadrupoles_memory(dtype):
+    """2,000 atoms with q, μ, Θ (σ = 1): energy + forces by autograd stay finite and under 4 GB
+    (the pairwise route is chunked; an unchunked [N,N,3,3] table would need far more).
 
-    Timed on one thread with process CPU time: on a shared 2-core machine the wall time of a
-    2-thread run depends mostly on what else runs (OpenMP threads wait for each other); the
-    single-thread CPU time is the stable measure of the work and bounds the idle 2-thread wall
-    time. Both are printed (run with -s).
+    The times are printed (run with -s) but not asserted: they depend on the machine and on what
+    else runs. `python benchmarks/electrostatics_scaling.py` measures them against an anchor.
     """
     gen = torch.Generator().manual_seed(13)
     n = 2000
@@ -673,4 +672,3 @@ def test_open_2000_atoms_quadrupoles_time_and_memory(dtype):
           f"peak RSS {peak_mb:.0f} MB (before {before / 1024.0:.0f} MB)")
     assert torch.isfinite(forces).all()
     assert peak_mb < 4096
-    assert cpu < 10.0

@@ -551,9 +551,11 @@ def _water_density_system(n, seed=0, dtype=torch.float64):
 @pytest.mark.slow
 @pytest.mark.parametrize("natoms", [12288, 98304])
 @pytest.mark.parametrize("order", [10])
-def test_timing_energy_forces(natoms, order):
+def test_energy_forces_at_scale(natoms, order):
     """Energy (from φ, E, G with q, μ, Θ) + forces by autograd at water density, σ = 1 Å
-    (β = a = 1/√2, reciprocal-only), mesh from choose_mesh(accuracy=1e-6)."""
+    (β = a = 1/√2, reciprocal-only), mesh from choose_mesh(accuracy=1e-6): finite forces at
+    98,304 atoms. Times are printed (-s), not asserted (they depend on the machine);
+    `python benchmarks/electrostatics_scaling.py` measures them against the anchor."""
     pos, cell, q, mu, th = _water_density_system(natoms)
     mesh = choose_mesh(cell, BETA, 1e-6, order)
     batch = torch.zeros(natoms, dtype=torch.long)
@@ -571,4 +573,3 @@ def test_timing_energy_forces(natoms, order):
           f"load={os.getloadavg()[0]:.1f}: fields+energy {t1 - t0:.2f} s, forces {t2 - t1:.2f} s, "
           f"total {t2 - t0:.2f} s (cpu {cpu:.2f} s), peak RSS {rss:.0f} MiB")
     assert torch.isfinite(f).all()
-    assert t2 - t0 < 60.0
