@@ -1,0 +1,1 @@
+"""Deployment of trained models into other MD engines (LAMMPS: `polarmace.deploy.lammps`)."""
