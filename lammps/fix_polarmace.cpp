@@ -55,7 +55,8 @@ using namespace FixConst;
 
 namespace {
 
-// Coulomb constant k_e in LAMMPS metal units (eV*A/e^2); polarmace.units uses the same value.
+// LAMMPS's own Coulomb constant in metal units (eV*A/e^2); the model's (CODATA 2018) is read
+// from the exported module and replaces it (they differ by 3.3e-8 relative).
 constexpr double KE_METAL = 14.399645;
 constexpr double TWO_OVER_SQRTPI = 1.12837916709551257390;
 // Beyond this erfc(a r) the smearing correction is dropped; the coul/long cutoff must reach it.
@@ -170,6 +171,7 @@ class FixPolarMACE : public Fix {
   double total_charge = 0.0;      // Q, e
   double accuracy_request = 1e-5; // largest PPPM relative accuracy accepted
   double cut_coul = 0.0;
+  double coulomb_constant = KE_METAL;
   double energy_local = 0.0;      // this rank's short-range + smearing-correction energy, eV
   double qsq_init = -1.0;
 
@@ -235,6 +237,14 @@ FixPolarMACE::FixPolarMACE(LAMMPS *lmp, int narg, char **arg) : Fix(lmp, narg, a
   smear_a = sigma > 0.0 ? 1.0 / (std::sqrt(2.0) * sigma) : 0.0;
   num_interactions = static_cast<int>(module.attr("num_interactions").toInt());
   model_float64 = module.attr("float64").toBool();
+  coulomb_constant = module.attr("coulomb_constant").toDouble();
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "fix polarmace needs units metal (eV, Angstrom, e, ps), not units {}", update->unit_style);
+  if (std::fabs(force->qqr2e / coulomb_constant - 1.0) > 1e-6)
+    error->all(FLERR, "fix polarmace: qqr2e = {} is not the metal-units Coulomb constant", force->qqr2e);
+  // coul/long and PPPM read qqr2e (through qqrd2e = qqr2e/dielectric at every init): use the
+  // model's k_e so that the LAMMPS energy is the polarmace energy, not 3.3e-8 off
+  force->qqr2e = coulomb_constant;
   std::vector<int64_t> model_z;
   for (const auto &z : module.attr("elements").toList()) model_z.push_back(z.get().toInt());
   std::string model_symbols;
@@ -307,8 +317,11 @@ void FixPolarMACE::init()
     error->all(FLERR, "fix polarmace: pair_style coul/long cutoff {} A is too short for the model's Gaussian "
                "width sigma = {} A: the smearing correction needs a cutoff of at least {:.2f} A",
                cut_coul, sigma, 4.05 / smear_a);
-  if (fabs(force->qqr2e - KE_METAL) > 1e-5)
-    error->all(FLERR, "fix polarmace: qqr2e = {} differs from k_e = {} eV*A/e^2", force->qqr2e, KE_METAL);
+  if (force->dielectric != 1.0)
+    error->all(FLERR, "fix polarmace: dielectric {} would rescale the model's electrostatics; remove the "
+               "dielectric command", force->dielectric);
+  if (force->qqr2e != coulomb_constant)
+    error->all(FLERR, "fix polarmace: qqr2e was reset (a later units command?); define the fix after units");
 
   Compute *c = modify->get_compute_by_id(peatom_id);
   if (!c) error->all(FLERR, "fix polarmace: its compute {} was deleted", peatom_id);

@@ -65,8 +65,8 @@ class LammpsLocalModel(nn.Module):
     weights w [n] (ones for the uniform rule). Gradients flow to rij only.
     """
 
-    has_charges: bool
-    learned_total_charge: bool
+    # branch flags as TorchScript constants: the switched-off readouts (nn.Identity) are not compiled
+    __constants__ = ["has_charges", "learned_total_charge"]
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -88,6 +88,11 @@ class LammpsLocalModel(nn.Module):
         engine = getattr(model, "engine", None)
         self.sigma: float = float(getattr(engine, "sigma", 0.0)) if self.has_charges else 0.0
         self.float64: bool = model.atomic_energies.dtype == torch.float64
+        # k_e of the model (CODATA 2018); LAMMPS metal's qqr2e is 14.399645, 3.3e-8 lower, and
+        # the plugin sets qqr2e to this value so that coul/long + PPPM use the model's constant
+        from polarmace.units import COULOMB
+
+        self.coulomb_constant: float = float(COULOMB)
 
     def forward(self, rij: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
                 atomic_numbers: torch.Tensor, n_owned: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,7 +152,6 @@ def export_lammps(model: Union[nn.Module, str, Path], path: Union[str, Path]) ->
 
         model = PolarMACE.load(str(model))
     module = lammps_module(copy.deepcopy(model).eval())
-    module.__constants__ = ["has_charges", "learned_total_charge"]
     try:
         with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -276,6 +280,7 @@ def write_data(atoms, path: Union[str, Path], elements: List[str]) -> Path:
     if missing:
         raise InputError(f"elements {missing} of the structure are not in the species map {elements}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ase.io.write(str(path), atoms, format="lammps-data", atom_style="charge", specorder=list(elements),
                  units="metal", masses=True)
     return path
