@@ -50,8 +50,8 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from polarmace.data.atoms import (CLOSE_DISTANCE, MIN_DISTANCE, DataError, check_cell, closest_pair_problem,
-                                  find_total_charge, total_charge_of)
+from polarmace.data.atoms import find_total_charge, total_charge_of
+from polarmace.data.schema import CLOSE_DISTANCE, MIN_DISTANCE, DataError, check_cell, closest_pair_problem
 from polarmace.export import load_any, model_dtype, model_metadata
 from polarmace.neighbours import neighbour_pairs
 

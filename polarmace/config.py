@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple,
 
 import yaml
 
-from .errors import InputError
+from .data.schema import LABEL_NAMES, KeysConfig
+from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -53,10 +54,6 @@ __all__ = [
     "save_config",
     "apply_overrides",
 ]
-
-
-class ConfigError(InputError):
-    """A configuration problem; the message names the dotted key."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -85,9 +82,6 @@ def parse_yaml(text: str, name: str = "<string>") -> Any:
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
 
-
-#: Label names a data set may carry (also the names of the loss weights).
-LABEL_NAMES: Tuple[str, ...] = ("energy", "forces", "stress", "virials", "dipole", "bec")
 
 #: The flags of `long_range` that a variant presets.
 MULTIPOLE_FLAGS: Tuple[str, ...] = ("charges", "dipoles", "quadrupoles", "induced_charges", "induced_dipoles")
@@ -275,32 +269,6 @@ class LongRangeConfig:
     def enabled(self) -> bool:
         """True when any electrostatic term is switched on."""
         return any(getattr(self, f) for f in MULTIPOLE_FLAGS)
-
-
-@dataclass
-class KeysConfig:
-    """`data.keys:` where each label is stored in the files (atoms.info / arrays / calc)."""
-
-    energy: str = "energy"
-    forces: str = "forces"
-    #: 3×3 or Voigt (6 or 9 values), eV/Å³, ASE sign convention.
-    stress: str = "stress"
-    #: 3×3 or 6/9 values, eV.
-    virials: str = "virials"
-    #: Total dipole, e·Å.
-    dipole: str = "dipole"
-    #: Born effective charges, 9 columns per atom (row-major: bec[i, a, b] = ∂P_a/∂r_ib).
-    bec: str = "BEC"
-    #: Per-structure total charge; with the default name, info `charge` is also accepted.
-    total_charge: str = "total_charge"
-    #: Per-structure loss weight (default 1).
-    weight: str = "config_weight"
-    #: Per-structure external field, V/Å (default 0).
-    external_field: str = "external_field"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _check(bool(getattr(self, f.name)), f"data.keys.{f.name}", "must be a non-empty string")
 
 
 @dataclass

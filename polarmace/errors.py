@@ -15,12 +15,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["InputError", "DataError", "ModelFileError", "DeviceError", "OutputError", "RunLockedError",
+__all__ = ["InputError", "ConfigError", "DataError", "ModelFileError", "DeviceError", "OutputError", "RunLockedError",
            "output_error", "resolve_device"]
 
 
 class InputError(ValueError):
     """Bad user input; the message is one line naming the file, key, frame or setting."""
+
+
+class ConfigError(InputError):
+    """A configuration problem; the message names the dotted key."""
 
 
 class DataError(InputError):

@@ -71,7 +71,7 @@ def neighbour_pairs(
         edge_index [2, E] (int64, on positions.device) and shifts [E, 3] (integer-valued, in
         positions.dtype) such that vector = positions[j] - positions[i] + shifts @ cell[batch[i]].
     """
-    from polarmace.data.atoms import check_cell  # lazy: polarmace.data imports this module
+    from polarmace.data.schema import check_cell  # lazy: polarmace.data imports this module
 
     pos = positions.detach().cpu().double().numpy()
     cells = cell.detach().cpu().double().numpy()

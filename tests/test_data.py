@@ -19,14 +19,26 @@ from polarmace.data import (
     collate,
     compute_statistics,
     load_split,
-    make_loader,
-    open_dataset,
+    open_source,
     read_configurations,
     save_split,
     split_indices,
     write_dataset,
 )
 from polarmace.data import graph as g
+
+
+def make_loader(dataset, cutoff, batch_size, max_atoms_per_batch=None, shuffle=False, seed=0, num_workers=0,
+                dtype=torch.float64, drop_last=False):
+    """A DataLoader over `dataset` batched by BatchSampler (the sampler the trainer's batches come from)."""
+    import functools
+
+    sizes = [dataset[i].num_atoms for i in range(len(dataset))] if not hasattr(dataset, "num_atoms") \
+        else dataset.num_atoms
+    sampler = BatchSampler(sizes, batch_size=batch_size, max_size=max_atoms_per_batch, shuffle=shuffle, seed=seed,
+                           drop_last=drop_last)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       collate_fn=functools.partial(collate, cutoff=float(cutoff), dtype=dtype))
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "data" / "labelled.extxyz"
@@ -451,7 +463,7 @@ def test_split_indices_and_json(tmp_path):
     assert not np.array_equal(split["valid"], split_indices(100, 0.1, 0.05, seed=4)["valid"])
     assert len(split_indices(5, 0.01, 0.0, seed=1)["valid"]) == 1  # a nonzero fraction gets at least one
     path = save_split(tmp_path, split, {"n": 100, "seed": 3})
-    assert path == tmp_path / "split.json"
+    assert path == tmp_path / "splits.json"
     loaded = load_split(tmp_path)
     assert all(np.array_equal(split[k], loaded[k]) for k in split) and loaded["metadata"]["seed"] == 3
     with pytest.raises(ValueError, match="no training structures"):
@@ -474,10 +486,10 @@ def test_prepare_cli(tmp_path, capsys):
     dataset = HDF5Dataset(out)
     assert len(dataset) == 5 and dataset.statistics["avg_num_neighbors"] is not None
     assert "wrote" in capsys.readouterr().out
-    assert isinstance(open_dataset(out), HDF5Dataset)
-    assert len(open_dataset(FIXTURE)) == 3
+    assert isinstance(open_source(out, {}), HDF5Dataset)
+    assert len(open_source(FIXTURE, {})) == 3
     with pytest.raises(DataError, match="required label 'stress'"):
-        open_dataset(out, required=["stress"])
+        open_source(out, {"required_labels": ["stress"]})
 
     assert prepare.main([str(FIXTURE), "-o", str(out), "--keys", "energi=E", "--no-progress"]) == 2
     assert "unknown label 'energi'; did you mean 'energy'?" in capsys.readouterr().err

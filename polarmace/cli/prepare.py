@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..config import Config, ConfigError, load_config
-from ..data.atoms import LABEL_NAMES, MIN_DISTANCE, DataError, KeySpec, read_configurations
+from ..data.atoms import read_configurations
+from ..data.schema import LABEL_NAMES, MIN_DISTANCE, DataError, KeySpec
 from ..data.hdf5 import write_dataset
 
 

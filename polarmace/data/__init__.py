@@ -1,18 +1,11 @@
-"""Data: readers (extxyz, n2p2), HDF5 training sets, splits, and batching into graph dicts."""
+"""Data: the record type and its rules (schema), readers (extxyz, n2p2, HDF5), the one format
+dispatcher (`open_source`), statistics, splits, and batching into graph dicts."""
 
-from .atoms import (
-    LABEL_NAMES,
-    MIN_DISTANCE,
-    Configuration,
-    DataError,
-    KeySpec,
-    configuration_from_atoms,
-    detect_format,
-    read_configurations,
-    validate_configuration,
-)
-from .graph import BatchSampler, collate, make_loader, mask_key
-from .hdf5 import HDF5Dataset, compute_statistics, open_dataset, write_dataset
+from .atoms import configuration_from_atoms, detect_format, read_configurations
+from .graph import BatchSampler, collate, mask_key
+from .hdf5 import HDF5Dataset, compute_statistics, write_dataset
+from .schema import LABEL_NAMES, MIN_DISTANCE, Configuration, DataError, KeySpec, validate_configuration
+from .sources import open_source
 from .splits import load_split, save_split, split_indices
 
 __all__ = [
@@ -27,11 +20,10 @@ __all__ = [
     "validate_configuration",
     "BatchSampler",
     "collate",
-    "make_loader",
     "mask_key",
     "HDF5Dataset",
     "compute_statistics",
-    "open_dataset",
+    "open_source",
     "write_dataset",
     "load_split",
     "save_split",

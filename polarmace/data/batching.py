@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .atoms import Configuration
+from .schema import Configuration
 from .graph import BatchSampler, collate
 from .sources import Subset
 

@@ -1,4 +1,4 @@
-"""Batches of structures as graph dicts (the model's input), batch samplers and data loaders.
+"""Batches of structures as graph dicts (the model's input) and the batch sampler.
 
 The graph dict (see .notes/INTERFACES.md) maps the key constants below to tensors:
 positions [N,3], atomic_numbers [N], batch [N], ptr [B+1], cell [B,3,3], pbc [B,3],
@@ -10,21 +10,20 @@ mask (energy/stress/virials/dipole: [B]; forces/bec: [N]); entries without the l
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data
 
 from ..neighbours import neighbour_pairs
-from .atoms import LABEL_NAMES, PER_ATOM_LABELS, Configuration, stack_label
+from .schema import LABEL_NAMES, PER_ATOM_LABELS, Configuration, stack_label
 
 __all__ = [
     "POSITIONS", "ATOMIC_NUMBERS", "BATCH", "PTR", "CELL", "PBC", "EDGE_INDEX", "SHIFTS", "TOTAL_CHARGE",
     "EXTERNAL_FIELD", "NUM_ATOMS", "WEIGHT", "ENERGY", "FORCES", "STRESS", "VIRIALS", "DIPOLE", "BEC",
     "ENERGY_MASK", "FORCES_MASK", "STRESS_MASK", "VIRIALS_MASK", "DIPOLE_MASK", "BEC_MASK",
-    "LABELS", "PER_ATOM_LABELS", "mask_key", "collate", "BatchSampler", "make_loader",
+    "LABELS", "PER_ATOM_LABELS", "mask_key", "collate", "BatchSampler",
 ]
 
 POSITIONS = "positions"
@@ -50,7 +49,7 @@ BEC = "bec"
 #: Every label key, in the order of LABEL_NAMES.
 LABELS = (ENERGY, FORCES, STRESS, VIRIALS, DIPOLE, BEC)
 assert LABELS == LABEL_NAMES
-# PER_ATOM_LABELS (forces, bec; from .atoms): masks [N]; the other labels have masks [B].
+# PER_ATOM_LABELS (forces, bec; from .schema): masks [N]; the other labels have masks [B].
 
 
 def mask_key(label: str) -> str:
@@ -186,27 +185,3 @@ class BatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches())
-
-
-def _sizes(dataset: Any) -> np.ndarray:
-    sizes = getattr(dataset, "num_atoms", None)
-    if sizes is not None and not callable(sizes):
-        return np.asarray(sizes, dtype=np.int64)
-    return np.array([dataset[i].num_atoms for i in range(len(dataset))], dtype=np.int64)
-
-
-def make_loader(dataset: Any, cutoff: float, batch_size: Optional[int], max_atoms_per_batch: Optional[int] = None,
-                shuffle: bool = False, seed: int = 0, num_workers: int = 0, dtype: torch.dtype = torch.float64,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over `dataset` (an HDF5Dataset or any sequence of Configuration) that
-    yields graph dicts with neighbour lists within `cutoff`. Batches hold at most `batch_size`
-    structures and at most `max_atoms_per_batch` atoms; shuffling is seeded (see BatchSampler;
-    call `loader.batch_sampler.set_epoch(e)` to pin the order of an epoch)."""
-    if len(dataset) == 0:
-        raise ValueError("cannot make a loader over an empty dataset")
-    sampler = BatchSampler(_sizes(dataset), batch_size=batch_size, max_size=max_atoms_per_batch,
-                           shuffle=shuffle, seed=seed, drop_last=drop_last)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers,
-        collate_fn=functools.partial(collate, cutoff=float(cutoff), dtype=dtype),
-        persistent_workers=False)

@@ -27,10 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch.utils.data
 
-from .atoms import (LABEL_NAMES, PER_ATOM_LABELS, Configuration, DataError, read_configurations, stack_label,
-                    validate_configuration)
+from .schema import (LABEL_NAMES, PER_ATOM_LABELS, Configuration, DataError, check_cell, stack_label,
+                     validate_configuration)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_dataset", "HDF5Dataset", "compute_statistics", "open_dataset"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_dataset", "HDF5Dataset", "compute_statistics"]
 
 FORMAT = "polarmace-hdf5"
 FORMAT_VERSION = 1
@@ -319,8 +319,6 @@ class HDF5Dataset(torch.utils.data.Dataset):
 
     def _report(self, index: int, cell_only: bool = False) -> None:
         """Raise the DataError that validating structure `index` gives (if any)."""
-        from .atoms import check_cell
-
         source = f"{self.path}: structure {index}"
         if cell_only:
             check_cell(self._configs["cell"][index], self._configs["pbc"][index], source)
@@ -395,19 +393,3 @@ class HDF5Dataset(torch.utils.data.Dataset):
             self.close()
         except Exception:  # interpreter shutdown
             pass
-
-
-def open_dataset(path: Union[str, Path], keys: Any = None, default_total_charge: float = 0.0,
-                 required: Optional[Sequence[str]] = None) -> Union[HDF5Dataset, List[Configuration]]:
-    """An HDF5Dataset for .h5/.hdf5 files, else the list of structures read from the file.
-
-    Both work as the `dataset` of `make_loader`. For HDF5 the keys and total charge were fixed
-    when the file was written; required labels are checked against its masks.
-    """
-    from .atoms import KeySpec, detect_format
-
-    if detect_format(path) == "hdf5":
-        dataset = HDF5Dataset(path)
-        dataset.validate(KeySpec.from_config(keys, required).required)
-        return dataset
-    return read_configurations(path, keys, default_total_charge, required=required)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from .atoms import Configuration
+from .schema import Configuration
 
 __all__ = ["Subset", "open_source"]
 

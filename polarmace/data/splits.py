@@ -1,19 +1,23 @@
-"""Seeded train / valid / test splits of one data set, saved as JSON next to the run."""
+"""Seeded train / valid / test splits of one data set, saved as JSON in the run directory
+(``splits.json``: the three index lists and metadata such as the source file, its size and
+the seed)."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from .atoms import DataError
+from .schema import DataError
 
 __all__ = ["SPLIT_FILENAME", "SPLIT_NAMES", "split_indices", "save_split", "load_split"]
 
 #: File name of a saved split inside a run directory.
-SPLIT_FILENAME = "split.json"
+SPLIT_FILENAME = "splits.json"
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -47,21 +51,32 @@ def _target(path: Union[str, Path]) -> Path:
 
 
 def save_split(path: Union[str, Path], split: Mapping[str, Any], metadata: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write a split as JSON (to `path`, or to path/split.json when `path` is a directory).
+    """Write a split as JSON (to `path`, or to path/splits.json when `path` is a directory),
+    atomically (a kill leaves the old file or the new one).
 
-    `metadata` (e.g. the data file, n, seed and fractions) is stored alongside. Returns the path.
+    `metadata` (e.g. the data file, its number of structures and the seed) is stored next to
+    the index lists. Returns the path.
     """
     target = _target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     data: Dict[str, Any] = {name: [int(i) for i in split.get(name, [])] for name in SPLIT_NAMES}
-    if metadata:
-        data["metadata"] = dict(metadata)
-    target.write_text(json.dumps(data, indent=1))
+    data.update(dict(metadata or {}))
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return target
 
 
 def load_split(path: Union[str, Path]) -> Dict[str, np.ndarray]:
-    """Read a split written by `save_split` (int64 arrays; `metadata` if stored, as a dict)."""
+    """Read a split written by `save_split`: int64 arrays train/valid/test, and `metadata`
+    (a dict of the other keys of the file)."""
     target = _target(path)
     try:
         data = json.loads(target.read_text())
@@ -83,6 +98,5 @@ def load_split(path: Union[str, Path]) -> Dict[str, np.ndarray]:
     everything = np.concatenate([out[name] for name in SPLIT_NAMES])
     if len(np.unique(everything)) != len(everything):
         raise DataError(f"{target}: an index appears twice (within or across train/valid/test)")
-    if "metadata" in data:
-        out["metadata"] = data["metadata"]
+    out["metadata"] = {k: v for k, v in data.items() if k not in SPLIT_NAMES}
     return out

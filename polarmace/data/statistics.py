@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from .atoms import LABEL_NAMES, Configuration
+from .schema import LABEL_NAMES, Configuration
+from ..errors import ConfigError
 from .graph import collate
 
 __all__ = ["compute_statistics", "fit_e0s"]
@@ -35,8 +36,6 @@ def compute_statistics(train: Sequence[Configuration], model: Any, batch_size: i
     avg_num_neighbors, shift (mean interaction energy per atom, eV), scale (RMS force
     component, eV/Å), labels {label: number of structures or atoms carrying it}, num_train}.
     """
-    from polarmace.config import ConfigError
-
     zs_all: set = set()
     rows: List[Tuple[np.ndarray, float, int]] = []  # (atomic numbers, energy, n) of labelled E
     labels: Dict[str, float] = {t: 0.0 for t in LABEL_NAMES}
@@ -100,8 +99,6 @@ def compute_statistics(train: Sequence[Configuration], model: Any, batch_size: i
 def fit_e0s(spec: Any, elements: List[str], rows: Sequence[Tuple[np.ndarray, float, int]]) -> Dict[str, float]:
     """Isolated-atom energies {symbol: eV}: given ({symbol: eV}), "average" (mean energy per
     atom) or "least_squares" over `rows` = (atomic numbers, energy eV, atoms) per structure."""
-    from polarmace.config import ConfigError
-
     if isinstance(spec, Mapping):
         missing = [s for s in elements if s not in spec]
         if missing:

@@ -1,9 +1,8 @@
 """The data of a run: the files of the ``data`` section, split by seed; the split is saved in
-the run directory (``splits.json``) and read back on resume."""
+the run directory (``splits.json``, :mod:`polarmace.data.splits`) and read back on resume."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +10,10 @@ from typing import Any, Dict, Optional, Sequence
 
 from polarmace.config import ConfigError, DataConfig
 from polarmace.data.sources import Subset, open_source
-from polarmace.data.splits import split_indices
-from polarmace.errors import DataError
-
-from .checkpoint import atomic_write_text
+from polarmace.data.splits import SPLIT_FILENAME, load_split, save_split, split_indices
+from polarmace.errors import DataError, output_error
 
 log = logging.getLogger("polarmace.training")
-
-#: The split of a run, in its run directory.
-SPLITS_FILE = "splits.json"
-
 
 @dataclass
 class DataSplits:
@@ -43,7 +36,9 @@ def _fresh_split(n: int, data: DataConfig, has_valid: bool, has_test: bool) -> D
 
 
 def _saved_split(path: Path, n: int, data: DataConfig, run_dir: Path) -> Dict[str, Any]:
-    saved = json.loads(path.read_text())
+    loaded = load_split(path)
+    saved: Dict[str, Any] = {k: [int(i) for i in loaded[k]] for k in ("train", "valid", "test")}
+    saved.update(loaded["metadata"])
     if saved.get("num_source") != n:
         raise DataError(f"--resume: data.train {data.train} has {n} structures, but the run in "
                         f"{run_dir} was trained on {saved.get('num_source')} ({saved.get('source')}, see "
@@ -62,13 +57,19 @@ def build_data(data: DataConfig, run_dir: Path, resume: bool, is_main: bool = Tr
     train_src = open_source(str(data.train), data)
     valid_src = open_source(str(data.valid), data) if data.valid else None
     test_src = open_source(str(data.test), data) if data.test else None
-    split_path = run_dir / SPLITS_FILE
+    split_path = run_dir / SPLIT_FILENAME
     if resume and split_path.exists():
         idx = _saved_split(split_path, len(train_src), data, run_dir)
     else:
         idx = _fresh_split(len(train_src), data, valid_src is not None, test_src is not None)
         if is_main:
-            atomic_write_text(json.dumps(idx), split_path)
+            try:
+                save_split(split_path, idx, {k: v for k, v in idx.items() if k not in ("train", "valid", "test")})
+            except OSError as exc:
+                error = output_error(split_path, exc)
+                if error is None:
+                    raise
+                raise error from exc
     train = Subset(train_src, idx["train"])
     valid = valid_src if valid_src is not None else (Subset(train_src, idx["valid"]) if idx["valid"] else None)
     test = test_src if test_src is not None else (Subset(train_src, idx["test"]) if idx["test"] else None)

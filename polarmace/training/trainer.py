@@ -32,7 +32,7 @@ from polarmace.data.statistics import compute_statistics
 from . import distributed as ddp
 from . import reporting
 from .checkpoint import CheckpointHandler, atomic_save, versions
-from .datasets import DataSplits, build_data
+from .datasets import build_data
 from .ema import ExponentialMovingAverage
 from .lock import RunExistsError, RunLock
 from .loop import Callback, EpochPlan, evaluate, run_epoch
