@@ -176,8 +176,10 @@ class FixPolarMACE : public Fix {
   double qsq_init = -1.0;
 
   // state carried from pre_force to pre_reverse
-  std::vector<int> nodes;             // graph node -> local atom index (owned first)
-  std::vector<int64_t> edge_i, edge_j;
+  std::vector<int64_t> model_z;      // the model's elements (atomic numbers)
+  std::vector<int> type_slot;         // index into model_z of each LAMMPS type
+  std::vector<int64_t> edge_i, edge_j;  // graph nodes of each directed pair (receiver, sender)
+  std::vector<int> atom_i, atom_j;    // local atom indices of the same pairs (for the forces)
   torch::Tensor rij, e_out, q_out, w_out;
   double charge_shift = 0.0;          // (Q - S) / W
   double weight_sum = 1.0;            // W
@@ -245,7 +247,6 @@ FixPolarMACE::FixPolarMACE(LAMMPS *lmp, int narg, char **arg) : Fix(lmp, narg, a
   // coul/long and PPPM read qqr2e (through qqrd2e = qqr2e/dielectric at every init): use the
   // model's k_e so that the LAMMPS energy is the polarmace energy, not 3.3e-8 off
   force->qqr2e = coulomb_constant;
-  std::vector<int64_t> model_z;
   for (const auto &z : module.attr("elements").toList()) model_z.push_back(z.get().toInt());
   std::string model_symbols;
   for (auto z : model_z) model_symbols += (model_symbols.empty() ? "" : " ") + symbol_of(z);
@@ -254,6 +255,7 @@ FixPolarMACE::FixPolarMACE(LAMMPS *lmp, int narg, char **arg) : Fix(lmp, narg, a
     error->all(FLERR, "fix polarmace species map: {} element symbol(s) given for {} atom type(s); give one per "
                "type in type order (model elements: {})", symbols.size(), ntypes, model_symbols);
   type_z.assign(ntypes + 1, -1);
+  type_slot.assign(ntypes + 1, -1);
   for (int t = 1; t <= ntypes; ++t) {
     const int z = atomic_number(symbols[t - 1]);
     if (z < 0)
@@ -262,6 +264,7 @@ FixPolarMACE::FixPolarMACE(LAMMPS *lmp, int narg, char **arg) : Fix(lmp, narg, a
       error->all(FLERR, "fix polarmace species map: atom type {} is '{}', which is not an element of the model "
                  "({})", t, symbols[t - 1], model_symbols);
     type_z[t] = z;
+    type_slot[t] = static_cast<int>(std::find(model_z.begin(), model_z.end(), z) - model_z.begin());
   }
 
   scalar_flag = 1;
@@ -390,12 +393,14 @@ void FixPolarMACE::predict_charges()
   const double reach_recv = (num_interactions - 1) * r_max + skin;
   const double reach_node = num_interactions * r_max + skin;
   const bool tri = domain->triclinic != 0;
-  nodes.clear();
-  std::vector<char> receiver;
-  for (int a = 0; a < nlocal; ++a) {
-    nodes.push_back(a);
-    receiver.push_back(1);
-  }
+  // Graph nodes: the receivers (owned atoms, then the ghosts within reach_recv), then one proxy
+  // node per model element. A sender that is not a receiver only ever passes its layer-1
+  // message, which depends on it through its element alone (the embedding) and the pair vector;
+  // every such ghost is therefore mapped onto the proxy of its element, which saves the trunk's
+  // per-node work on the outer ghost shell (about half the cost for one-layer models).
+  std::vector<int> cand;          // candidate atoms (local indices): receivers first
+  std::vector<int> outer;         // ghosts within reach_node that are senders only
+  for (int a = 0; a < nlocal; ++a) cand.push_back(a);
   for (int a = nlocal; a < nall; ++a) {
     double d2 = 0.0;
     if (!tri)
@@ -403,29 +408,37 @@ void FixPolarMACE::predict_charges()
         const double out = std::max({0.0, domain->sublo[d] - x[a][d], x[a][d] - domain->subhi[d]});
         d2 += out * out;
       }
-    if (d2 <= reach_node * reach_node) {
-      nodes.push_back(a);
-      receiver.push_back(d2 <= reach_recv * reach_recv ? 1 : 0);
-    }
+    if (d2 <= reach_recv * reach_recv)
+      cand.push_back(a);
+    else if (d2 <= reach_node * reach_node)
+      outer.push_back(a);
   }
-  const int nn = static_cast<int>(nodes.size());
+  const int nrecv = static_cast<int>(cand.size());
+  cand.insert(cand.end(), outer.begin(), outer.end());
+  const int nproxy = static_cast<int>(model_z.size());
+  const int nn = nrecv + nproxy;
   CellGrid grid;
-  grid.build(x, nodes, r_max);
+  grid.build(x, cand, r_max);
   const double rc2 = r_max * r_max;
   edge_i.clear();
   edge_j.clear();
+  atom_i.clear();
+  atom_j.clear();
   std::vector<double> vec;
-  for (int k = 0; k < nn; ++k) {
-    if (!receiver[k]) continue;
-    const double *xi = x[nodes[k]];
+  for (int k = 0; k < nrecv; ++k) {
+    const int ai = cand[k];
+    const double *xi = x[ai];
     grid.visit(xi, 1, [&](int m) {
       if (m == k) return;
-      const double *xj = x[nodes[m]];
+      const int aj = cand[m];
+      const double *xj = x[aj];
       const double dx = xj[0] - xi[0], dy = xj[1] - xi[1], dz = xj[2] - xi[2];
       const double r2 = dx * dx + dy * dy + dz * dz;
       if (r2 < rc2) {
         edge_i.push_back(k);
-        edge_j.push_back(m);
+        edge_j.push_back(m < nrecv ? m : nrecv + type_slot[atom->type[aj]]);
+        atom_i.push_back(ai);
+        atom_j.push_back(aj);
         vec.push_back(dx);
         vec.push_back(dy);
         vec.push_back(dz);
@@ -434,7 +447,8 @@ void FixPolarMACE::predict_charges()
   }
   const int64_t ne = static_cast<int64_t>(edge_i.size());
   std::vector<int64_t> z(nn);
-  for (int k = 0; k < nn; ++k) z[k] = type_z[atom->type[nodes[k]]];
+  for (int k = 0; k < nrecv; ++k) z[k] = type_z[atom->type[cand[k]]];
+  for (int k = 0; k < nproxy; ++k) z[nrecv + k] = model_z[k];
 
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
@@ -579,7 +593,7 @@ void FixPolarMACE::apply_forces(int vflag)
     const size_t ne = edge_i.size();
     for (size_t e = 0; e < ne; ++e) {
       // L depends on x through r_ij = x_j - x_i: F_i = +dL/dr_ij, F_j = -dL/dr_ij
-      const int ii = nodes[edge_i[e]], jj = nodes[edge_j[e]];
+      const int ii = atom_i[e], jj = atom_j[e];
       const double *ge = ga + 3 * e, *re = ra + 3 * e;
       for (int d = 0; d < 3; ++d) {
         f[ii][d] += ge[d];
