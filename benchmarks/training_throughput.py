@@ -1,16 +1,27 @@
-"""Training throughput: configurations per second and peak memory for one training epoch.
+"""Training throughput at equal work: polarmace against mace-torch, training steps on the same
+data with the same loss terms, optimiser and clipping, CPU and wall time, interleaved.
 
-Data: 192-atom water-like cells made by perturbing ../shared/datasets/water_structures/liquid-64.xyz
-(or --structure FILE), labelled by a cheap calculator (ASE EMT: energy, forces, stress). Each
-(preset, variant) is measured in its own subprocess so that peak memory (max RSS on CPU,
-torch.cuda.max_memory_allocated on GPU) belongs to that run alone. One warm-up step is excluded.
+Data: 192-atom water cells made by perturbing ../shared/datasets/water_structures/liquid-64.xyz
+(or --structure FILE), labelled by ASE's EMT (energy, forces, stress), written to one extxyz.
+Both sides read the real labels (MACE through a key specification) and run the same step:
 
-    python benchmarks/training_throughput.py                       # small + default, sr + uQiqiu
-    python benchmarks/training_throughput.py --presets small --variants sr --configs 8
-    python benchmarks/training_throughput.py --model-factory toy_model:build_toy_model  # (tests/ on path)
+    loss = mean_b((E_b − E_b^ref)/N_b)² + 100·mean|F − F^ref|² + 1·mean(σ − σ^ref)²
+    backward (forces and stress inside the loss: second derivatives), clip_grad_norm 10, Adam (amsgrad)
 
-If `mace-torch` is importable (its own environment: --mace-python PATH), its throughput on the
-same data at the same settings is measured too and the ratio printed (target: >= 2x MACE).
+with the same trunk (MACE's non-residual first block, as `mace_run_train --model MACE`, or the
+residual one on both sides with --residual-first), `avg_num_neighbors` measured on the data
+(edges per atom) for both, float64. Each measurement is a fresh subprocess (--warmup steps
+excluded, then --steps timed steps: median wall and process CPU time per step, peak-minus-base
+resident memory); the implementations alternate round by round (--rounds), with
+OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads burn CPU on a loaded machine). On a shared,
+loaded machine compare CPU times; wall times are printed too.
+
+    python benchmarks/training_throughput.py --mace-python ../mace-venv/bin/python
+    python benchmarks/training_throughput.py --presets small --variants sr les --steps 4 --rounds 1
+    python benchmarks/training_throughput.py --mace-python PY --json benchmarks/results/training_throughput.json
+
+Variants other than sr are measured on the polarmace side only (MACE has no electrostatics):
+their ratio to sr is the cost of the long-range part.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +47,9 @@ PRESETS = {
     "small": {"hidden_irreps": "32x0e+32x1o", "max_ell": 2, "correlation": 2, "num_interactions": 2,
               "r_max": 4.5, "num_bessel": 8, "radial_mlp": [32, 32]},
 }
+WEIGHTS = {"energy": 1.0, "forces": 100.0, "stress": 1.0}
+CLIP = 10.0
+LR = 0.005
 
 
 def make_data(structure: Path, n: int, out: Path, seed: int = 0) -> Path:
@@ -58,187 +73,263 @@ def make_data(structure: Path, n: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def _import(spec: str):
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2.0 ** 20
 
 
-def measure(args) -> dict:
-    """One (preset, variant) in this process: time one epoch of training steps."""
+def _loss(energy, forces, stress, e_ref, f_ref, s_ref, n_atoms):
+    le = (((energy - e_ref) / n_atoms) ** 2).mean()
+    lf = ((forces - f_ref) ** 2).mean()
+    ls = ((stress - s_ref) ** 2).mean()
+    return WEIGHTS["energy"] * le + WEIGHTS["forces"] * lf + WEIGHTS["stress"] * ls
+
+
+def _timed(step, batches, warmup: int, steps: int) -> dict:
+    import resource
+
+    base = _rss_mib()
+    for k in range(warmup):
+        step(batches[k % len(batches)])
+    walls, cpus = [], []
+    for k in range(steps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        step(batches[(warmup + k) % len(batches)])
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    with open("/proc/loadavg") as fh:
+        load = float(fh.read().split()[0])
+    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "wall_min_s": min(walls),
+            "cpu_min_s": min(cpus), "peak_mib": peak, "base_mib": base, "peak_minus_base_mib": peak - base,
+            "loadavg": load, "steps": steps, "warmup": warmup}
+
+
+def measure_polarmace(args) -> dict:
+    """polarmace training steps in this process."""
     import numpy as np
     import torch
 
+    from polarmace import build_model
     from polarmace.config import load_config
-    from polarmace.training import distributed as ddp
-    from polarmace.training.loss import WeightedLoss
-    from polarmace.config import Config
-    from polarmace.data.batching import epoch_batches, to_device
+    from polarmace.data.atoms import KeySpec, read_configurations
     from polarmace.data.graph import collate
-    from polarmace.data.sources import open_source
-    from polarmace.data.statistics import compute_statistics
-    from polarmace.training.loop import train_step
-    from polarmace.training.policy import build_optimizer
 
-    dtype = getattr(torch, args.dtype)
-    torch.set_default_dtype(dtype)
+    if args.tune_allocator:
+        from polarmace.runtime import tune_allocator
+
+        tune_allocator()
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    model_cfg = dict(PRESETS[args.preset])
-    model_cfg["dtype"] = args.dtype
-    cfg = load_config({"model": model_cfg, "long_range": {"variant": args.variant},
-                       "data": {"train": args.data, "batch_size": args.batch_size},
-                       "training": {"lr": 0.005, "device": args.device}}).to_dict()
-    conf = Config.from_dict(cfg)
-    data = open_source(args.data, conf.data)
-    stats = compute_statistics(data, conf.model)
-    cfg["model"].update(elements=stats["elements"], e0s=stats["e0s"], avg_num_neighbors=stats["avg_num_neighbors"])
-    factory = _import(args.model_factory) if args.model_factory else _import("polarmace:build_model")
-    model = factory(cfg, statistics=stats).to(device)
-    loss_fn = WeightedLoss({"energy": 1.0, "forces": 100.0, "stress": 1.0})
-    loss_fn.resolve(stats["labels"].keys(), log_active=False)
-    opt = build_optimizer(model, conf.training)
-    batches = epoch_batches(len(data), args.batch_size, 1, 0)
-    graphs = [to_device(collate([data[i] for i in b], float(cfg["model"]["r_max"])), device, dtype)
-              for b in batches]
-    info = ddp.DistInfo()
-    train_step(model, opt, loss_fn, graphs[0], info, 10.0, None, dtype, device)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for g in graphs:
-        train_step(model, opt, loss_fn, g, info, 10.0, None, dtype, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        import resource
+    p = PRESETS[args.preset]
+    configs = read_configurations(args.data, KeySpec())
+    graphs = [collate(configs[i:i + args.batch_size], p["r_max"]) for i in range(0, len(configs), args.batch_size)]
+    edges = sum(int(g["edge_index"].shape[1]) for g in graphs)
+    atoms = sum(int(g["positions"].shape[0]) for g in graphs)
+    zs = sorted({int(z) for g in graphs for z in g["atomic_numbers"].tolist()})
+    from ase.data import chemical_symbols
 
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    n_conf = sum(len(b) for b in batches)
-    return {"preset": args.preset, "variant": args.variant, "configs": n_conf, "atoms_per_config": int(data[0].num_atoms),
-            "batch_size": args.batch_size, "epoch_s": wall, "configs_per_s": n_conf / wall, "peak_mb": peak_mb,
-            "parameters": int(sum(p.numel() for p in model.parameters())), "device": args.device, "dtype": args.dtype,
-            "threads": torch.get_num_threads(), "edges_per_config": float(np.mean([g["edge_index"].shape[1] for g in graphs]))
-            / max(1.0, float(np.mean([len(b) for b in batches])))}
+    model_cfg = dict(p, dtype="float64", elements=[chemical_symbols[z] for z in zs],
+                     e0s={chemical_symbols[z]: 0.0 for z in zs}, avg_num_neighbors=edges / atoms,
+                     residual_first_block=bool(args.residual_first))
+    cfg = load_config({"model": model_cfg, "long_range": {"variant": args.variant}}).to_dict()
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, amsgrad=True)
+
+    def step(g):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = model(dict(g), compute_forces=True, compute_stress=True)
+        n = g["num_atoms"].to(out["energy"].dtype)
+        loss = _loss(out["energy"], out["forces"], out["stress"], g["energy"], g["forces"], g["stress"], n)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=CLIP)
+        opt.step()
+
+    res = _timed(step, graphs, args.warmup, args.steps)
+    res.update(impl="polarmace", parameters=int(sum(q.numel() for q in model.parameters())),
+               avg_num_neighbors=edges / atoms, edges_per_config=edges / len(configs),
+               atoms_per_config=atoms / len(configs), labels_nonzero=bool(np.abs(configs[0].forces).max() > 0)
+               if getattr(configs[0], "forces", None) is not None else None)
+    return res
 
 
 def measure_mace(args) -> dict:
-    """mace-torch on the same data and settings (run with its own python via --mace-python)."""
-    code = f"""
-import json, time, resource, torch, ase.io, numpy as np
-from mace import data as mdata, modules, tools
-from mace.tools import torch_geometric
-from e3nn import o3
-torch.set_default_dtype(torch.{args.dtype})
-p = {PRESETS[args.preset]!r}
-frames = ase.io.read({args.data!r}, ":")
-zs = sorted(set(int(z) for a in frames for z in a.numbers))
-table = tools.AtomicNumberTable(zs)
-configs = mdata.config_from_atoms_list(frames, key_specification=None) if False else [mdata.config_from_atoms(a) for a in frames]
-ds = [mdata.AtomicData.from_config(c, z_table=table, cutoff=p["r_max"]) for c in configs]
-loader = torch_geometric.dataloader.DataLoader(ds, batch_size={args.batch_size}, shuffle=False)
-model = modules.ScaleShiftMACE(r_max=p["r_max"], num_bessel=p["num_bessel"], num_polynomial_cutoff=5, max_ell=p["max_ell"],
-    interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-    interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
-    num_interactions=p["num_interactions"], num_elements=len(zs), hidden_irreps=o3.Irreps(p["hidden_irreps"]),
-    MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(zs)), avg_num_neighbors=40.0, atomic_numbers=zs,
-    correlation=p["correlation"], gate=torch.nn.functional.silu, radial_MLP=p["radial_mlp"], atomic_inter_scale=1.0, atomic_inter_shift=0.0)
-opt = torch.optim.Adam(model.parameters(), lr=0.005, amsgrad=True)
-def step(b):
-    opt.zero_grad()
-    out = model(b.to_dict(), training=True, compute_force=True, compute_stress=True)
-    loss = ((out["energy"] - b.energy) ** 2).mean() + 100 * ((out["forces"] - b.forces) ** 2).mean()
-    loss.backward(); opt.step()
-batches = list(loader)
-step(batches[0])
-t0 = time.perf_counter()
-for b in batches: step(b)
-wall = time.perf_counter() - t0
-print("RESULT", json.dumps({{"configs_per_s": len(ds) / wall, "epoch_s": wall,
-      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
-"""
-    python = args.mace_python or sys.executable
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    """mace-torch training steps in this process (run with the MACE environment's python)."""
+    import mace.modules as modules  # before e3nn (e3nn 0.4 constants under torch >= 2.6)
+    import ase.io
+    import numpy as np
+    import torch
+    from e3nn import o3
+    from mace import data as mdata
+    from mace.tools import AtomicNumberTable, torch_geometric
+
+    if args.tune_allocator:
+        sys.path.insert(0, str(ROOT))
+        from polarmace.runtime import tune_allocator  # plain ctypes: importable here
+
+        tune_allocator()
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    p = PRESETS[args.preset]
+    frames = ase.io.read(args.data, ":")
+    for a in frames:  # ASE reads energy/forces/stress into a single-point calculator: name them for MACE
+        res = a.calc.results
+        a.info["REF_energy"], a.info["REF_stress"], a.arrays["REF_forces"] = res["energy"], res["stress"], res["forces"]
+        a.calc = None
+    zs = sorted({int(z) for a in frames for z in a.numbers})
+    table = AtomicNumberTable(zs)
+    keys = mdata.KeySpecification(info_keys={"energy": "REF_energy", "stress": "REF_stress"},
+                                  arrays_keys={"forces": "REF_forces"})
+    configs = [mdata.config_from_atoms(a, key_specification=keys) for a in frames]
+    ds = [mdata.AtomicData.from_config(c, z_table=table, cutoff=p["r_max"]) for c in configs]
+    loader = torch_geometric.dataloader.DataLoader(ds, batch_size=args.batch_size, shuffle=False, drop_last=False)
+    batches = [b.to_dict() for b in loader]
+    edges = sum(int(b["edge_index"].shape[1]) for b in batches)
+    atoms = sum(int(b["positions"].shape[0]) for b in batches)
+    first = "RealAgnosticResidualInteractionBlock" if args.residual_first else "RealAgnosticInteractionBlock"
+    model = modules.ScaleShiftMACE(
+        r_max=p["r_max"], num_bessel=p["num_bessel"], num_polynomial_cutoff=5, max_ell=p["max_ell"],
+        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        interaction_cls_first=modules.interaction_classes[first], num_interactions=p["num_interactions"],
+        num_elements=len(zs), hidden_irreps=o3.Irreps(p["hidden_irreps"]), MLP_irreps=o3.Irreps("16x0e"),
+        atomic_energies=np.zeros(len(zs)), avg_num_neighbors=edges / atoms, atomic_numbers=zs,
+        correlation=p["correlation"], gate=torch.nn.functional.silu, radial_MLP=p["radial_mlp"],
+        use_reduced_cg=False,  # mace_run_train's default
+        atomic_inter_scale=1.0, atomic_inter_shift=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, amsgrad=True)
+    labelled = float(np.abs(batches[0]["forces"].numpy()).max()) > 0 and float(batches[0]["energy"].abs().max()) > 0
+
+    def step(b):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = model(dict(b), training=True, compute_force=True, compute_stress=True)
+        n = (b["ptr"][1:] - b["ptr"][:-1]).to(out["energy"].dtype)
+        loss = _loss(out["energy"], out["forces"], out["stress"], b["energy"], b["forces"], b["stress"], n)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=CLIP)
+        opt.step()
+
+    res = _timed(step, batches, args.warmup, args.steps)
+    res.update(impl="mace-torch", parameters=int(sum(q.numel() for q in model.parameters())),
+               avg_num_neighbors=edges / atoms, edges_per_config=edges / len(configs),
+               atoms_per_config=atoms / len(configs), labels_nonzero=labelled)
+    return res
+
+
+def _run(python: str, impl: str, args, preset: str, variant: str, data: str) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--_single", impl, "--_data", data, "--_preset", preset,
+           "--_variant", variant, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--residual-first"] if args.residual_first else []
+    cmd += ["--tune-allocator"] if args.tune_allocator else []
+    env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return {"impl": impl, "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:] or ["failed"]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--structure", type=Path, default=DEFAULT_STRUCTURE)
-    p.add_argument("--configs", type=int, default=16, help="configurations in the epoch")
+    p.add_argument("--configs", type=int, default=16, help="configurations in the data set")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--presets", nargs="+", default=["small", "default"], choices=sorted(PRESETS))
-    p.add_argument("--variants", nargs="+", default=["sr", "uQiqiu"])
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model-factory", default=None, help="module:function (default polarmace.build_model)")
-    p.add_argument("--mace", action="store_true", help="also measure mace-torch when importable")
+    p.add_argument("--variants", nargs="+", default=["sr"], help="polarmace variants (sr is compared with MACE)")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every measurement")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--residual-first", action="store_true", help="residual first block on both sides")
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="polarmace.runtime.tune_allocator on both sides (the trainer tunes it by default)")
+    p.add_argument("--omp-wait-policy", default="PASSIVE")
     p.add_argument("--mace-python", default=None, help="python of an environment with mace-torch")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    # internal: one measurement in this process
-    p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--preset", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_single", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_preset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_variant", default="sr", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.single:
-        print("RESULT " + json.dumps(measure(args)))
+    if args._single:
+        args.data, args.preset, args.variant = args._data, args._preset, args._variant
+        res = measure_mace(args) if args._single == "mace" else measure_polarmace(args)
+        res.update(preset=args.preset, variant=args.variant if args._single != "mace" else "sr",
+                   batch_size=args.batch_size, threads=args.threads, residual_first=bool(args.residual_first),
+                   tune_allocator=bool(args.tune_allocator))
+        print("RESULT " + json.dumps(res))
         return 0
-    results = []
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(args.structure, args.configs, Path(tmp) / "water.xyz")
-        for preset in args.presets:
-            for variant in args.variants:
-                cmd = [sys.executable, __file__, "--single", "--data", str(data), "--preset", preset, "--variant", variant,
-                       "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--device", args.device]
-                if args.model_factory:
-                    cmd += ["--model-factory", args.model_factory]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-                row = {"preset": preset, "variant": variant}
-                for line in proc.stdout.splitlines():
-                    if line.startswith("RESULT "):
-                        row = json.loads(line[7:])
-                if "configs_per_s" not in row:
-                    row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-                if args.mace and variant == "sr":
-                    args.preset, args.data = preset, str(data)
-                    row["mace"] = measure_mace(args)
-                results.append(row)
-                print(_line(row), flush=True)
-    base = {r["preset"]: r for r in results if r.get("variant") == args.variants[0] and "configs_per_s" in r}
-    print("\nratios (throughput relative to the first variant of the same preset; >1 = faster):")
-    for r in results:
-        if "configs_per_s" in r and r["preset"] in base:
-            b = base[r["preset"]]
-            line = (f"  {r['preset']:8s} {r['variant']:8s} {r['configs_per_s'] / b['configs_per_s']:.3f}x throughput, "
-                    f"{r['peak_mb'] / b['peak_mb']:.3f}x peak memory")
-            m = r.get("mace", {})
-            if "configs_per_s" in m:
-                line += f"; vs MACE {r['configs_per_s'] / m['configs_per_s']:.2f}x (target >= 2x)"
-            print(line)
+        data = str(make_data(args.structure, args.configs, Path(tmp) / "water.xyz"))
+        for rnd in range(args.rounds):
+            for preset in args.presets:
+                jobs = [("polarmace", sys.executable, v) for v in args.variants]
+                if args.mace_python:
+                    jobs.insert(1, ("mace", args.mace_python, "sr"))
+                for impl, python, variant in jobs:
+                    row = _run(python, impl, args, preset, variant, data)
+                    row.update(round=rnd, preset=preset, variant=variant)
+                    rows.append(row)
+                    print(_line(row), flush=True)
+    summary = _summary(rows, args)
+    for line in summary["lines"]:
+        print(line)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"command": "python " + " ".join([Path(__file__).name] + list(argv or sys.argv[1:])),
+                                         "rows": rows, "summary": summary["ratios"]}, indent=1))
     return 0
 
 
+def _med(rows, key):
+    vals = [r[key] for r in rows if key in r]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def _summary(rows, args) -> dict:
+    lines = ["", "medians over rounds; ratios polarmace / mace-torch (< 1: polarmace cheaper)"]
+    ratios = []
+    for preset in args.presets:
+        mine = [r for r in rows if r.get("preset") == preset and r.get("impl") == "polarmace" and "cpu_s" in r]
+        mace = [r for r in rows if r.get("preset") == preset and r.get("impl") == "mace-torch" and "cpu_s" in r]
+        sr = [r for r in mine if r["variant"] == "sr"]
+        for variant in args.variants:
+            v = [r for r in mine if r["variant"] == variant]
+            if not v:
+                continue
+            entry = {"preset": preset, "variant": variant, "cpu_s_per_step": _med(v, "cpu_s"),
+                     "wall_s_per_step": _med(v, "wall_s"), "peak_minus_base_mib": _med(v, "peak_minus_base_mib")}
+            line = (f"  {preset:8s} {variant:7s} CPU {entry['cpu_s_per_step']:.3f} s/step, wall "
+                    f"{entry['wall_s_per_step']:.3f} s/step, +{entry['peak_minus_base_mib']:.0f} MiB")
+            if variant != "sr" and sr:
+                entry["cpu_vs_sr"] = entry["cpu_s_per_step"] / _med(sr, "cpu_s")
+                line += f"; {entry['cpu_vs_sr']:.2f}x the CPU time of sr"
+            if variant == "sr" and mace:
+                entry.update(mace_cpu_s_per_step=_med(mace, "cpu_s"), mace_wall_s_per_step=_med(mace, "wall_s"),
+                             mace_peak_minus_base_mib=_med(mace, "peak_minus_base_mib"))
+                entry["cpu_ratio"] = entry["cpu_s_per_step"] / entry["mace_cpu_s_per_step"]
+                entry["wall_ratio"] = entry["wall_s_per_step"] / entry["mace_wall_s_per_step"]
+                entry["memory_ratio"] = entry["peak_minus_base_mib"] / max(entry["mace_peak_minus_base_mib"], 1e-9)
+                line += (f" | MACE CPU {entry['mace_cpu_s_per_step']:.3f} s/step, wall {entry['mace_wall_s_per_step']:.3f}"
+                         f", +{entry['mace_peak_minus_base_mib']:.0f} MiB | CPU {entry['cpu_ratio']:.2f}x, "
+                         f"wall {entry['wall_ratio']:.2f}x, memory {entry['memory_ratio']:.2f}x")
+            ratios.append(entry)
+            lines.append(line)
+    return {"lines": lines, "ratios": ratios}
+
+
 def _line(r: dict) -> str:
-    if "configs_per_s" not in r:
-        return f"{r['preset']:8s} {r['variant']:8s} FAILED: {r.get('error')}"
-    s = (f"{r['preset']:8s} {r['variant']:8s} {r['configs']} x {r['atoms_per_config']} atoms, batch {r['batch_size']}: "
-         f"{r['configs_per_s']:.3f} configs/s ({r['epoch_s']:.1f} s/epoch), peak {r['peak_mb']:.0f} MB, "
-         f"{r['parameters']} parameters, {r['edges_per_config']:.0f} edges/config, {r['threads']} threads")
-    m = r.get("mace")
-    if m:
-        s += f" | MACE: {m.get('configs_per_s', float('nan')):.3f} configs/s" if "configs_per_s" in m else f" | MACE: {m}"
-    return s
+    head = f"round {r.get('round')} {r.get('preset', ''):8s} {r.get('impl', ''):10s} {r.get('variant', ''):7s}"
+    if "error" in r:
+        return head + f" FAILED: {r['error']}"
+    return (head + f" CPU {r['cpu_s']:.3f} s/step (min {r['cpu_min_s']:.3f}), wall {r['wall_s']:.3f} s/step, "
+            f"+{r['peak_minus_base_mib']:.0f} MiB, {r['parameters']} parameters, avg_num_neighbors "
+            f"{r['avg_num_neighbors']:.1f}, labels {'yes' if r.get('labels_nonzero') else 'NO'}, load {r['loadavg']:.1f}")
 
 
 if __name__ == "__main__":
