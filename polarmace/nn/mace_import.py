@@ -279,9 +279,10 @@ def import_config(exp: MaceExport, variant: str = "sr", head: Optional[str] = No
         "readout_mlp_hidden": int(readout_hidden),
     }
     cfg = load_config({"model": mc, "long_range": lr}).to_dict()
-    from polarmace.model import _needs_vector_features
-
-    if n == 1 and _needs_vector_features(cfg["long_range"]):
+    lrc = cfg["long_range"]
+    vectors = bool(lrc.get("dipoles") or lrc.get("quadrupoles")
+                   or (lrc.get("induced_dipoles") and lrc.get("polarizability") == "anisotropic"))
+    if n == 1 and vectors:
         # one MACE layer has scalar features only; the vector heads get fresh 1o features (their
         # weights are not in MACE and do not change the short-range energy)
         cfg["model"]["hidden_irreps"] = f"{c}x0e+{c}x1o"
