@@ -28,7 +28,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -315,18 +315,35 @@ class DataConfig:
 
 @dataclass
 class LossWeights:
-    """`training.loss_weights:` weight of each term of the loss."""
+    """`training.loss_weights:` weight of each term of the loss; null (unset) = the default of
+    `DEFAULTS`. A term set here whose label the data lack gives a warning; an unset one whose
+    label is absent is switched off with an info line."""
 
-    energy: float = 1.0
-    forces: float = 100.0
-    stress: float = 1.0
-    virials: float = 1.0
-    dipole: float = 1.0
-    bec: float = 1.0
+    #: The weight of an unset term (MACE-like: forces dominate in stage one).
+    DEFAULTS: ClassVar[Dict[str, float]] = {"energy": 1.0, "forces": 100.0, "stress": 1.0, "virials": 1.0,
+                                            "dipole": 1.0, "bec": 1.0}
+
+    energy: Optional[float] = None
+    forces: Optional[float] = None
+    stress: Optional[float] = None
+    virials: Optional[float] = None
+    dipole: Optional[float] = None
+    bec: Optional[float] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check(getattr(self, f.name) >= 0, f"training.loss_weights.{f.name}", "must be >= 0")
+            value = getattr(self, f.name)
+            if value is not None:
+                _check(value >= 0, f"training.loss_weights.{f.name}", "must be >= 0")
+
+    def resolved(self) -> Dict[str, float]:
+        """{term: weight} with every unset term at its default."""
+        return {f.name: float(self.DEFAULTS[f.name] if getattr(self, f.name) is None else getattr(self, f.name))
+                for f in fields(self)}
+
+    def explicit(self) -> Tuple[str, ...]:
+        """The terms whose weight was set (in the file or an override)."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
 
 
 @dataclass

@@ -9,8 +9,8 @@ out of the trunk's node features, never supervised directly. The model is rebuil
 resolved config (stored in every saved file): no pickled modules.
 """
 
-import copy
-from typing import Any, Dict, Final, List, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Final, Mapping, Optional
 
 import torch
 from ase.data import atomic_numbers as ASE_NUMBERS
@@ -22,11 +22,13 @@ from polarmace.electrostatics.observables import (
     born_effective_charges, cell_polarizability, electronic_screening, polarization,
 )
 from polarmace.electrostatics.response import segment_sum
+from polarmace.errors import ModelFileError
 from polarmace.neighbours import edge_vectors
 from polarmace.nn.readouts import EquivariantReadout
 from polarmace.nn.trunk import MACETrunk
 
-FORMAT_VERSION = 1
+#: Version of the .model file layout (see `upgrade_model_file`).
+FORMAT_VERSION = 2
 
 
 def _quadrupole_basis() -> torch.Tensor:
@@ -37,9 +39,26 @@ def _quadrupole_basis() -> torch.Tensor:
     return q[1:].clone()
 
 
-def _needs_vector_features(lr: Mapping[str, Any]) -> bool:
-    return bool(lr.get("dipoles") or lr.get("quadrupoles")
-                or (lr.get("induced_dipoles") and lr.get("polarizability") == "anisotropic"))
+def _needs_vector_features(long_range: Any) -> bool:
+    """Dipole, quadrupole and anisotropic-α readouts read vector (1o, 2e) node features."""
+    return bool(long_range.dipoles or long_range.quadrupoles
+                or (long_range.induced_dipoles and long_range.polarizability == "anisotropic"))
+
+
+def model_sections(config: Any) -> Dict[str, Any]:
+    """What a model is built from and its file stores, resolved through the typed config
+    (every default from polarmace.config): the ``model`` and ``long_range`` sections and the
+    training data's conventions (``data.keys``, ``data.default_total_charge``, which eval and
+    the calculator follow). No file paths, no training or output settings."""
+    from polarmace.config import Config
+
+    full = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data = dict(full.get("data") or {})
+    conf = Config.from_dict({"model": full.get("model") or {}, "long_range": full.get("long_range") or {},
+                             "data": {k: data[k] for k in ("keys", "default_total_charge") if k in data}})
+    out = conf.to_dict()
+    return {"model": out["model"], "long_range": out["long_range"],
+            "data": {"keys": out["data"]["keys"], "default_total_charge": out["data"]["default_total_charge"]}}
 
 
 class PolarMACE(torch.nn.Module):
@@ -63,81 +82,85 @@ class PolarMACE(torch.nn.Module):
     learned_total_charge: Final[bool]
     electrostatics_on: Final[bool]
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Any) -> None:
+        """`config`: a Config or its dict (the sections of `model_sections` are used), with
+        model.elements, model.e0s and model.avg_num_neighbors resolved."""
         super().__init__()
-        self.config: Dict[str, Any] = copy.deepcopy(dict(config))
-        m = self.config["model"]
-        lr = self.config["long_range"]
-        elements = m.get("elements")
+        from polarmace.config import Config
+
+        self.config: Dict[str, Any] = model_sections(config)
+        conf = Config.from_dict(self.config)
+        m = conf.model
+        elements = m.elements
         if not elements:
             raise ValueError("model.elements is not set (the trainer fills it from the data)")
-        if not isinstance(m.get("e0s"), Mapping):
+        if not isinstance(m.e0s, Mapping):
             raise ValueError("model.e0s must be resolved to {symbol: eV} before building the model")
-        if m.get("avg_num_neighbors") is None:
+        if m.avg_num_neighbors is None:
             raise ValueError("model.avg_num_neighbors must be resolved before building the model")
         numbers = [ASE_NUMBERS[s] for s in elements]
         self.trunk = MACETrunk(
-            elements=numbers, r_max=m["r_max"], num_bessel=m["num_bessel"],
-            num_polynomial_cutoff=m["num_polynomial_cutoff"], max_ell=m["max_ell"],
-            hidden_irreps=m["hidden_irreps"], num_interactions=m["num_interactions"],
-            correlation=m["correlation"], radial_mlp=m["radial_mlp"],
-            avg_num_neighbors=float(m["avg_num_neighbors"]),
+            elements=numbers, r_max=m.r_max, num_bessel=m.num_bessel,
+            num_polynomial_cutoff=m.num_polynomial_cutoff, max_ell=m.max_ell,
+            hidden_irreps=m.hidden_irreps, num_interactions=m.num_interactions,
+            correlation=m.correlation, radial_mlp=m.radial_mlp,
+            avg_num_neighbors=float(m.avg_num_neighbors),
             # Dipole, quadrupole and anisotropic-α readouts need vector features from the last
             # layer (with one interaction layer there are no earlier ones to read from).
-            last_layer_scalars_only=not _needs_vector_features(lr),
-            residual_first=bool(m.get("residual_first_block", False)),
-            last_readout=str(m.get("readout", "mlp")),
-            readout_mlp_hidden=int(m.get("readout_mlp_hidden", 16)),
+            last_layer_scalars_only=not _needs_vector_features(conf.long_range),
+            residual_first=m.residual_first_block,
+            last_readout=m.readout,
+            readout_mlp_hidden=m.readout_mlp_hidden,
         )
-        self.r_max = float(m["r_max"])
+        self.r_max = float(m.r_max)
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
         self.register_buffer("element_index", lookup)
         self.register_buffer("atomic_energies",
-                             torch.tensor([float(m["e0s"].get(s, 0.0)) for s in elements]))
+                             torch.tensor([float(m.e0s[s]) for s in elements]))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("shift", torch.tensor(0.0))
-        self._build_long_range(lr)
+        self._build_long_range(conf.long_range)
 
     # ------------------------------------------------------------------ construction
-    def _build_long_range(self, lr: Mapping[str, Any]) -> None:
+    def _build_long_range(self, long_range: Any) -> None:
+        """Readouts and the electrostatics engine of the `long_range` section (LongRangeConfig)."""
         irreps = self.trunk.node_features_irreps
-        scales = lr.get("readout_scales", {})
-        self.use_charges = bool(lr.get("charges"))
-        self.use_dipoles = bool(lr.get("dipoles"))
-        self.use_quadrupoles = bool(lr.get("quadrupoles"))
-        self.use_induced_charges = bool(lr.get("induced_charges"))
-        self.use_induced_dipoles = bool(lr.get("induced_dipoles"))
-        self.anisotropic = lr.get("polarizability", "isotropic") == "anisotropic"
-        self.learned_total_charge = lr.get("total_charge", "uniform") == "learned"
+        scales = long_range.readout_scales
+        self.use_charges = bool(long_range.charges)
+        self.use_dipoles = bool(long_range.dipoles)
+        self.use_quadrupoles = bool(long_range.quadrupoles)
+        self.use_induced_charges = bool(long_range.induced_charges)
+        self.use_induced_dipoles = bool(long_range.induced_dipoles)
+        self.anisotropic = long_range.polarizability == "anisotropic"
+        self.learned_total_charge = long_range.total_charge == "learned"
         self.electrostatics_on = (self.use_charges or self.use_dipoles or self.use_quadrupoles
                                   or self.use_induced_dipoles or self.use_induced_charges)
-        eps = lr.get("eps_infty")
+        eps = long_range.eps_infty
         self.eps_infty = float(eps) if eps is not None else 0.0
         dummy = torch.nn.Identity()
-        self.charge_readout = (EquivariantReadout(irreps, "1x0e", scale=scales.get("charges", 0.1))
+        self.charge_readout = (EquivariantReadout(irreps, "1x0e", scale=scales.charges)
                                if self.use_charges else dummy)
         self.charge_weight_readout = (EquivariantReadout(irreps, "1x0e", scale=1.0)
                                       if self.use_charges and self.learned_total_charge else dummy)
-        self.dipole_readout = (EquivariantReadout(irreps, "1x1o", scale=scales.get("dipoles", 0.1))
+        self.dipole_readout = (EquivariantReadout(irreps, "1x1o", scale=scales.dipoles)
                                if self.use_dipoles else dummy)
-        self.quadrupole_readout = (EquivariantReadout(irreps, "1x2e", scale=scales.get("quadrupoles", 0.1))
+        self.quadrupole_readout = (EquivariantReadout(irreps, "1x2e", scale=scales.quadrupoles)
                                    if self.use_quadrupoles else dummy)
         self.kappa_readout = (EquivariantReadout(irreps, "1x0e", scale=1.0)
                               if self.use_induced_charges else dummy)
         alpha_out = "1x0e+2x1o" if self.anisotropic else "1x0e"
         self.alpha_readout = (EquivariantReadout(irreps, alpha_out, scale=1.0)
                               if self.use_induced_dipoles else dummy)
-        self.kappa_scale = float(scales.get("kappa", 0.01))
-        self.alpha_scale = float(scales.get("alpha", 0.01))
+        self.kappa_scale = float(scales.kappa)
+        self.alpha_scale = float(scales.alpha)
         self.register_buffer("quadrupole_basis", _quadrupole_basis())
         if self.electrostatics_on:
             self.engine = Electrostatics(
-                sigma=float(lr.get("sigma", 1.0)), method=lr.get("method", "auto"),
-                accuracy=float(lr.get("accuracy", 1e-6)), kspace=lr.get("kspace", "converged"),
-                dl=float(lr.get("dl", 2.0)),
-                remove_self_interaction=bool(lr.get("remove_self_interaction", True)),
-                charge_conservation=bool(lr.get("charge_conservation", True)),
+                sigma=float(long_range.sigma), method=long_range.method, accuracy=float(long_range.accuracy),
+                kspace=long_range.kspace, dl=float(long_range.dl),
+                remove_self_interaction=long_range.remove_self_interaction,
+                charge_conservation=long_range.charge_conservation,
             )
         else:
             self.engine = dummy
@@ -267,10 +290,13 @@ class PolarMACE(torch.nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
-        """Weights + resolved config + versions (no pickled modules)."""
+        """Weights, the model's config sections (`model_sections`: no file paths), the training
+        statistics and versions; no pickled modules."""
         import e3nn
+
         import polarmace
         torch.save({"format_version": FORMAT_VERSION, "config": self.config,
+                    "statistics": dict(getattr(self, "statistics", {}) or {}),
                     "state_dict": self.state_dict(),
                     "dtype": str(self.atomic_energies.dtype).replace("torch.", ""),
                     "versions": {"polarmace": polarmace.__version__, "torch": str(torch.__version__),
@@ -280,35 +306,78 @@ class PolarMACE(torch.nn.Module):
     def load(cls, path: str, map_location: str = "cpu") -> "PolarMACE":
         """Rebuild a model from a file written by `save` (polarmace-train's <run>/<name>.model).
 
-        A trainer checkpoint, an exported TorchScript file, or a missing, truncated or foreign
-        file raises polarmace.errors.ModelFileError (a ValueError) naming the file."""
+        A trainer checkpoint, an exported TorchScript file, a file of a newer format, or a
+        missing, truncated or foreign file raises polarmace.errors.ModelFileError (a ValueError)
+        naming the file; an older format is upgraded on reading (`upgrade_model_file`)."""
         from polarmace.export import read_model_file
 
-        blob = read_model_file(path, map_location)
-        model = cls(blob["config"])
-        dtype = getattr(torch, blob.get("dtype", "float64"))
-        model.to(dtype)
-        model.load_state_dict(blob["state_dict"])
+        blob = upgrade_model_file(read_model_file(path, map_location), str(path))
+        return cls._from_weights(blob["config"], blob["state_dict"], blob.get("statistics"), blob["dtype"])
+
+    @classmethod
+    def from_checkpoint(cls, path: str, ema: bool = True, map_location: str = "cpu") -> "PolarMACE":
+        """The model of a polarmace-train checkpoint (``<run>/checkpoint-e*-s*.pt``): its
+        weights, or with `ema` the exponential moving average of them when the run kept one."""
+        from polarmace.training.checkpoint import CheckpointHandler
+
+        state = CheckpointHandler(Path(path).parent).load(path, map_location=map_location)
+        if not isinstance(state, dict) or not {"config", "model", "statistics"} <= set(state):
+            raise ModelFileError(f"{path}: not a polarmace-train checkpoint (no config/model/statistics)")
+        weights = dict(state["model"])
+        if ema and state.get("ema"):
+            weights.update(state["ema"]["shadow"])
+        config = state["config"]
+        return cls._from_weights(config, weights, state["statistics"], config["model"]["dtype"])
+
+    @classmethod
+    def _from_weights(cls, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                      statistics: Optional[Mapping[str, Any]], dtype: str) -> "PolarMACE":
+        model = cls(config)
+        model.to(getattr(torch, dtype))
+        model.load_state_dict(state_dict)
+        model.statistics = dict(statistics or {})
         model.eval()
         return model
 
 
-def resolve_model_config(config: Any) -> Dict[str, Any]:
-    """Fill defaults and variant presets through the typed config (polarmace.config)."""
-    from polarmace.config import load_config
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    cfg = dict(config)
-    return load_config(cfg).to_dict()
+def _upgrade_v1(blob: Dict[str, Any]) -> Dict[str, Any]:
+    """Format 1 stored the whole run config (data paths included) and no statistics."""
+    out = dict(blob)
+    out["config"] = model_sections(blob["config"])
+    sd = blob["state_dict"]
+    out["statistics"] = {"scale": float(sd["scale"]), "shift": float(sd["shift"])}
+    out["format_version"] = 2
+    return out
+
+
+#: Upgrades of the model file: MIGRATIONS[v] turns a format-v dict into a format-(v+1) one.
+MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {1: _upgrade_v1}
+
+
+def upgrade_model_file(blob: Dict[str, Any], source: str = "model file") -> Dict[str, Any]:
+    """A model-file dict of any known format as one of FORMAT_VERSION (ModelFileError for a
+    file without a format version or of a newer format than this polarmace reads)."""
+    version = blob.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{source}: no format_version: not a model file polarmace wrote")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{source}: model file format {version} is newer than this polarmace reads "
+                             f"({FORMAT_VERSION}); upgrade polarmace")
+    while version < FORMAT_VERSION:
+        blob = MIGRATIONS[version](blob)
+        version = blob["format_version"]
+    blob.setdefault("dtype", "float64")
+    return blob
 
 
 def build_model(config: Any, statistics: Optional[Mapping[str, Any]] = None) -> PolarMACE:
-    """Build PolarMACE from a config (dict or Config) whose model.elements, model.e0s and
-    model.avg_num_neighbors are resolved; `statistics` may carry scale and shift."""
-    cfg = resolve_model_config(config)
-    model = PolarMACE(cfg)
-    dtype = getattr(torch, cfg["model"].get("dtype", "float64"))
-    model.to(dtype)
-    if statistics is not None and cfg["model"].get("scale_shift", True):
-        model.set_statistics(statistics.get("scale", 1.0), statistics.get("shift", 0.0))
+    """Build PolarMACE from a config (Config or its dict) whose model.elements, model.e0s and
+    model.avg_num_neighbors are resolved; `statistics` (the trainer's) carry scale (eV/Å)
+    and shift (eV/atom), applied when model.scale_shift is on, and are stored with the model."""
+    model = PolarMACE(config)
+    m = model.config["model"]
+    model.to(getattr(torch, m["dtype"]))
+    if statistics is not None and m["scale_shift"]:
+        model.set_statistics(statistics["scale"], statistics["shift"])
+    model.statistics = dict(statistics or {})
     return model

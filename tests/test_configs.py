@@ -65,6 +65,6 @@ def test_published_configs_use_the_authors_hyper_parameters(name):
     st = c.training.stage_two
     assert st.start_fraction is not None and abs(st.start_fraction - 2 / 3) < 0.01  # the last third
     assert st.resolve_start(c.training.epochs) == round(st.start_fraction * c.training.epochs)
-    assert st.energy_weight > c.training.loss_weights.energy  # higher energy weight in stage two
+    assert st.energy_weight > c.training.loss_weights.resolved()["energy"]  # higher energy weight in stage two
     # latent charges: energies and forces only
     assert c.training.loss_weights.dipole == 0.0 and c.training.loss_weights.bec == 0.0

@@ -207,6 +207,40 @@ def test_save_and_load_rebuild_from_config(tmp_path):
         PolarMACE.load(str(bad))
 
 
+def test_model_file_keeps_no_paths_checks_its_format_and_reads_format_1(tmp_path):
+    """The file stores model, long_range, the data conventions and the statistics, not the run
+    config; a newer format is a clear error; a format-1 file (whole run config) is upgraded."""
+    from polarmace.errors import ModelFileError
+
+    cfg = tiny_config("les")
+    cfg["data"] = {"train": "/somewhere/train.xyz", "default_total_charge": 1.0}
+    cfg["training"] = {"lr": 0.005}
+    torch.manual_seed(0)
+    model = build_model(cfg, statistics={"scale": 0.7, "shift": -0.1, "elements": ["H", "C", "O"]})
+    path = tmp_path / "m.model"
+    model.save(str(path))
+    blob = torch.load(path, weights_only=True)
+    assert blob["format_version"] == 2 and set(blob["config"]) == {"model", "long_range", "data"}
+    assert blob["config"]["data"] == {"keys": blob["config"]["data"]["keys"], "default_total_charge": 1.0}
+    assert "/somewhere" not in repr(blob) and blob["statistics"]["scale"] == 0.7
+    loaded = PolarMACE.load(str(path))
+    assert loaded.statistics["shift"] == -0.1
+    pos, z = random_molecule(seed=10)
+    g = graph_of(configuration(pos, z))
+    reference = model(g)["energy"]
+
+    newer = dict(blob, format_version=99)
+    torch.save(newer, tmp_path / "newer.model")
+    with pytest.raises(ModelFileError, match=r"newer.model: model file format 99 is newer than this polarmace reads \(2\)"):
+        PolarMACE.load(str(tmp_path / "newer.model"))
+    old = {"format_version": 1, "config": cfg | {"model": blob["config"]["model"]},
+           "state_dict": blob["state_dict"], "dtype": "float64", "versions": {}}
+    torch.save(old, tmp_path / "v1.model")
+    upgraded = PolarMACE.load(str(tmp_path / "v1.model"))
+    assert "train" not in upgraded.config["data"] and upgraded.statistics["scale"] == pytest.approx(0.7)
+    assert torch.equal(upgraded(g)["energy"], reference)
+
+
 def test_unknown_element_is_a_clear_error():
     model = make_model("les")
     pos, _ = random_molecule(n=3, seed=11)

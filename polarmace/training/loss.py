@@ -30,10 +30,6 @@ TERMS: Tuple[str, ...] = ("energy", "forces", "stress", "virials", "dipole", "be
 #: label key in the graph dict for each term (see INTERFACES.md); masks are f"{key}_mask"
 LABEL_KEYS: Dict[str, str] = {t: t for t in TERMS}
 
-#: default weights (MACE-like: forces dominate in stage one)
-DEFAULT_WEIGHTS: Dict[str, float] = {
-    "energy": 1.0, "forces": 100.0, "stress": 0.0, "virials": 0.0, "dipole": 0.0, "bec": 0.0,
-}
 
 
 def structure_mask(graph: Mapping[str, torch.Tensor], key: str, size: int,
@@ -124,12 +120,13 @@ class WeightedLoss(torch.nn.Module):
     """Σ_t weight_t · (Σ w·m·err_t² / Σ m) over the active terms t.
 
     Args:
-        weights: {term: weight} for the terms of :data:`TERMS` (missing terms: 0).
+        weights: {term: weight} for the terms of :data:`TERMS` (missing terms: 0); a run takes
+            them from ``training.loss_weights`` (`polarmace.config.LossWeights`, its defaults).
     """
 
-    def __init__(self, weights: Optional[Mapping[str, float]] = None):
+    def __init__(self, weights: Mapping[str, float]):
         super().__init__()
-        weights = dict(weights if weights is not None else DEFAULT_WEIGHTS)
+        weights = dict(weights)
         unknown = set(weights) - set(TERMS)
         if unknown:
             raise ValueError(f"unknown loss term(s) {sorted(unknown)}; valid terms are {list(TERMS)}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -79,9 +78,9 @@ def stage_of(tc: TrainingConfig, epochs: int, epoch: int, elapsed: float) -> int
 
 
 def stage_weights(tc: TrainingConfig, stage: int) -> Dict[str, float]:
-    """Loss weight of every term in `stage`: training.loss_weights, and in stage two the energy
-    and forces weights of training.stage_two."""
-    weights = {t: float(v) for t, v in asdict(tc.loss_weights).items() if v is not None}
+    """Loss weight of every term in `stage`: training.loss_weights (unset terms at their
+    defaults), and in stage two the energy and forces weights of training.stage_two."""
+    weights = tc.loss_weights.resolved()
     if stage == 2:
         weights["energy"] = float(tc.stage_two.energy_weight)
         weights["forces"] = float(tc.stage_two.forces_weight)

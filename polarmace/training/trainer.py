@@ -36,7 +36,7 @@ from .datasets import build_data
 from .ema import ExponentialMovingAverage
 from .lock import RunExistsError, RunLock
 from .loop import Callback, EpochPlan, evaluate, run_epoch
-from .loss import TERMS, WeightedLoss
+from .loss import WeightedLoss
 from .policy import (apply_training_changes, build_optimizer, build_scheduler, can_continue, current_lr,
                      resume_training_section, stage_of, stage_two_time, stage_weights, training_config,
                      training_time)
@@ -44,7 +44,7 @@ from .state import TrainState
 
 log = logging.getLogger("polarmace.training")
 
-__all__ = ["train", "TrainResult", "explicit_loss_terms", "run_directory"]
+__all__ = ["train", "TrainResult", "run_directory"]
 
 
 @dataclass
@@ -54,36 +54,6 @@ class TrainResult:
     history: List[Dict[str, Any]]
     test_metrics: Dict[str, float] = field(default_factory=dict)
     model: Optional[torch.nn.Module] = None
-
-
-def explicit_loss_terms(config: Any, overrides: Sequence[str] = ()) -> set:
-    """Loss terms whose weight the user set (in the YAML/dict or an override), as opposed to
-    defaults: a missing label of an explicit term is a warning, of a default one an info line.
-    For a Config object (raw input unknown) a weight differing from the default counts."""
-    raw: Any = None
-    if isinstance(config, (str, os.PathLike)):
-        try:
-            import yaml
-
-            raw = yaml.safe_load(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError):  # load_config reports these properly later
-            raw = {}
-    elif isinstance(config, Mapping):
-        raw = config
-    out = set()
-    if isinstance(raw, Mapping):
-        lw = ((raw.get("training") or {}).get("loss_weights") or {})
-        if isinstance(lw, Mapping):
-            out.update(k for k in lw if k in TERMS)
-    elif isinstance(config, Config):
-        defaults = Config().training.loss_weights
-        lw = config.training.loss_weights
-        out.update(t for t in TERMS if getattr(lw, t) != getattr(defaults, t))
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key.startswith("training.loss_weights."):
-            out.add(key.rsplit(".", 1)[-1])
-    return out
 
 
 def run_directory(output: OutputConfig) -> Path:
@@ -115,7 +85,8 @@ def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = 
 
     tune_allocator()  # speed only: no page-fault churn on the per-step buffers
     conf = load_config(config, overrides)
-    explicit = explicit_loss_terms(config, overrides)
+    # a term set in the config warns when its label is missing; an unset one is only logged
+    explicit = set(conf.training.loss_weights.explicit())
     if not conf.data.train:
         raise ConfigError("data.train is not set: give the training file (.xyz/.extxyz, input.data or .h5) "
                           "in the config or as the override data.train=PATH")
