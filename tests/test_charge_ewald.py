@@ -61,7 +61,10 @@ def test_hand_written_energy_and_derivatives_equal_autograd():
 
 def test_hand_written_gradcheck_and_gradgradcheck():
     pos, q, batch, cell, kv, km = _system(seed=1, counts=(5, 3, 4))
-    fn = lambda p, c: _hand(p, c, batch, cell, kv, km)
+
+    def fn(p, c):
+        return _hand(p, c, batch, cell, kv, km)
+
     inputs = (pos.clone().requires_grad_(True), q.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)

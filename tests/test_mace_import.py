@@ -15,7 +15,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import zipfile
 from contextlib import redirect_stderr
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).resolve().parent / "mace_reference.py"

@@ -15,7 +15,7 @@ from polarmace.units import COULOMB  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def na8() -> "Atoms":
+def na8():
     atoms = cluster("Na8Cl8")
     atoms.positions += np.random.default_rng(3).normal(scale=0.08, size=atoms.positions.shape)
     return atoms

@@ -23,7 +23,7 @@ position operator is not periodic): apply it through Born effective charges inst
 """
 
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 

@@ -70,7 +70,6 @@ def born_effective_charges(positions: torch.Tensor, cell: torch.Tensor, pbc: tor
     if not positions.requires_grad:
         raise ValueError("born_effective_charges: 'positions' must require grad "
                          "(compute the charges from positions with autograd enabled)")
-    b = cell.shape[0]
     n = positions.shape[0]
     periodic = pbc.any(dim=1)
     open_atoms = (~periodic[batch]).to(positions.dtype)

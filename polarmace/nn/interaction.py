@@ -27,7 +27,7 @@ o3.TensorProduct in tests/test_nn.py):
 
 
 import math
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from e3nn import o3

@@ -44,7 +44,6 @@ energy + forces at some extra CPU time; no effect under TorchScript).
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,7 +51,7 @@ from e3nn import o3
 from torch import nn
 
 from .embedding import ElementEmbedding, ElementMapping
-from .interaction import ChannelLinear, ElementLinear, FirstInteraction, Interaction, target_irreps
+from .interaction import ChannelLinear, ElementLinear, FirstInteraction, Interaction
 from .product import SymmetricContraction
 from .radial import RadialEmbedding
 from .readouts import LinearReadout, NonLinearReadout
