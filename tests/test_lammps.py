@@ -198,6 +198,9 @@ def test_energy_forces_stress_match_calculator(plugin, exported, trained, tmp_pa
     assert abs(row["PotEng"] - e_ref) < tol_e
 
     tol_f = 10 * _pppm_force_accuracy(log)
+    print(f"fix part {row['f_ml'] - (e_sr + e_gauss - e_point):.2e} eV; coulomb {lammps_coulomb - e_point:.2e} eV, "
+          f"total {row['PotEng'] - e_ref:.2e} eV (tol {tol_e:.1e}); max|dF| {np.abs(_forces(frame) - f_ref).max():.2e} "
+          f"eV/A (tol {tol_f:.1e})")
     assert np.abs(_forces(frame) - f_ref).max() < tol_f
 
     p_ref = -stress_ref / bar  # LAMMPS pressure (bar) of a frame without velocities
@@ -206,6 +209,7 @@ def test_energy_forces_stress_match_calculator(plugin, exported, trained, tmp_pa
     volume = atoms.get_volume()
     # a force error δF on every atom moves the virial pressure by about |r|·δF·√N / V
     tol_p = tol_f * np.sqrt(len(atoms)) * volume ** (1 / 3) / volume / bar
+    print(f"max|dP| {np.abs(p_lmp - p_ref).max():.3g} bar of |P| {np.abs(p_ref).max():.4g} (tol {tol_p:.3g})")
     assert np.abs(p_lmp - p_ref).max() < tol_p, (p_lmp - p_ref, tol_p)
 
 
@@ -247,6 +251,7 @@ def test_forces_and_pressure_finite_differences(plugin, exported, tmp_path):
     f_lmp = _forces(frame)[k]
     f_fd = np.array([-(rows[1 + 2 * d]["PotEng"] - rows[2 + 2 * d]["PotEng"]) / (2 * h) for d in range(3)])
     tol_f = 10 * _pppm_force_accuracy(proc.stdout) + 1e-5  # + O(h²) of the central difference
+    print(f"FD force {f_fd} vs {f_lmp}: max diff {np.abs(f_fd - f_lmp).max():.2e} (tol {tol_f:.1e})")
     assert np.abs(f_fd - f_lmp).max() < tol_f, (f_fd, f_lmp)
 
     v0 = atoms.get_volume()
@@ -255,6 +260,7 @@ def test_forces_and_pressure_finite_differences(plugin, exported, tmp_path):
     p_lmp = rows[0]["Press"]
     assert abs(p_fd - p_lmp) < 1e-4 * abs(p_lmp) + 1.0, (p_fd, p_lmp)
     pxy_fd = -(rows[9]["PotEng"] - rows[10]["PotEng"]) / (2 * eps) / v0 / bar
+    print(f"FD pressure {p_fd:.6g} vs {p_lmp:.6g} bar; Pxy {pxy_fd:.6g} vs {rows[0]['Pxy']:.6g} bar")
     assert abs(pxy_fd - rows[0]["Pxy"]) < 1e-4 * abs(p_lmp) + 1.0, (pxy_fd, rows[0]["Pxy"])
 
 
@@ -266,6 +272,8 @@ def test_one_and_two_ranks_give_the_same_trajectory(plugin, exported, tmp_path):
     _, d1, _ = _run(plugin, exported, atoms, tmp_path / "n1", 1, **kw)
     _, d2, _ = _run(plugin, exported, atoms, tmp_path / "n2", 2, **kw)
     assert [f["step"] for f in d1] == [f["step"] for f in d2] == list(range(0, 101, 10))
+    worst = max(np.abs(a[c] - b[c]).max() for a, b in zip(d1, d2) for c in ("x", "y", "z", "fx", "fy", "fz", "q"))
+    print(f"1 vs 2 ranks over 100 steps: max difference {worst:.2e}")
     for a, b in zip(d1, d2):
         for c in ("x", "y", "z", "fx", "fy", "fz", "q"):
             assert np.abs(a[c] - b[c]).max() < 1e-9, (a["step"], c)
@@ -312,6 +320,7 @@ def test_nve_energy_drift(plugin, exported, tmp_path):
     etot = np.array([r["TotEng"] for r in thermo])
     ke = np.array([r["KinEng"] for r in thermo])
     slope = np.polyfit(t, etot, 1)[0] / len(atoms)
+    print(f"NVE: drift {slope:.2e} eV/atom/ps, std(Etot) {np.std(etot):.2e} eV, std(KE) {np.std(ke):.2e} eV")
     assert abs(slope) < 1e-4, slope
     assert np.std(etot) < 0.02 * np.std(ke), (np.std(etot), np.std(ke))
 
