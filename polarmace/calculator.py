@@ -1,4 +1,4 @@
-"""ASE calculator for PolarMACE models (SPEC §4, §5, §7).
+"""ASE calculator for PolarMACE models (docs/method.md §4, §5, §7).
 
     calc = PolarMACECalculator("model.pt")            # or a PolarMACE module, or an exported .ts
     atoms.calc = calc

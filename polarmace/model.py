@@ -1,5 +1,5 @@
 """PolarMACE: MACE trunk + latent multipoles + electrostatics + linear response, with forces,
-stress and electrical observables from one energy (SPEC §1, §5, §6).
+stress and electrical observables from one energy (docs/method.md §1, §5, §6).
 
     E = Σ E0(Z_i) + scale·Σ E_i^MACE + shift·N + E_elec + E_resp (+ E_field)
 

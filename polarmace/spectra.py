@@ -1,4 +1,4 @@
-"""Vibrational spectra from MD time series (SPEC §5): IR from dP/dt, Raman from α(t).
+"""Vibrational spectra from MD time series (docs/method.md §5): IR from dP/dt, Raman from α(t).
 
 Units: time fs, dipole e·Å, velocities Å/fs, polarizability Å³, frequencies cm⁻¹ (ν̃ = ω/2πc).
 

@@ -22,7 +22,7 @@ Conventions, each checked below by a small case solved by hand (open boundaries)
   itself doubles every quadrupole interaction. Dipoles are checked the same way (±q at ±d/2).
 * Polarizability: OpenMM α in nm³; polarmace α in e·Å²/V = α[Å³] / k_e.  With
   PolarizationType Direct, μ_ind = α E_perm and E_pol = −½ Σ μ_ind·E_perm, i.e. polarmace's
-  one-step response (SPEC §3).
+  one-step response (docs/method.md §3).
 * Damping: AMOEBA's Thole damping applies only when dampingFactor_i·dampingFactor_j ≠ 0; with
   dampingFactor = 0 the Thole parameter has no effect (checked). Note that thole = 0 with a
   nonzero dampingFactor does NOT disable damping: it zeroes the damped field entirely.

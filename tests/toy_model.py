@@ -1,4 +1,4 @@
-"""A small but real differentiable potential obeying the model contract of INTERFACES.md.
+"""A small but real differentiable potential obeying the trainer's model contract.
 
     E_b = Σ_{i∈b} E0[z_i] + ½ Σ_{edges (i,j)} Σ_k W[z_i, z_j, k] φ_k(r_ij) f_c(r_ij)
 

@@ -2,7 +2,7 @@
 
 Evaluates a trained model on a labelled data file: prints a table of MAE/RMSE (energy per atom
 and forces in meV, stress, and dipoles and Born effective charges when labelled, BEC after the
-global sign fix of SPEC §5), writes ``metrics.json``, the predictions as extended XYZ
+global sign fix of docs/method.md §5), writes ``metrics.json``, the predictions as extended XYZ
 (``predictions.xyz``: energy, forces, stress, charges; the references as REF_*), and parity
 plots (PNG).
 
@@ -86,7 +86,7 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
                   keys: Optional[Dict[str, str]] = None, total_charge: float = 0.0):
     """(metrics dict, list of per-structure records, parity arrays). `total_charge`: of the
     structures whose file gives none (see polarmace.data.atoms.total_charge_of)."""
-    from polarmace.training.loss import bec_signs, fill_derived
+    from polarmace.training.loss import bec_signs, fill_derived, structure_mask
     from polarmace.training.metrics import MetricsAccumulator
     from polarmace.data.batching import to_device
     from polarmace.data.graph import collate
@@ -124,12 +124,7 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
             parity[name][1].append(prd[m].reshape(-1))
 
         def mask_of(key, per_atom=False):
-            m = graph.get(f"{key}_mask")
-            if m is None:
-                m = torch.ones(graph[key].shape[0])
-            if per_atom and m.shape[0] != graph[key].shape[0]:
-                m = m[graph["batch"]]
-            return m
+            return structure_mask(graph, key, graph[key].shape[0], per_atom=per_atom)
 
         if "energy" in graph and "energy" in pred:
             add("energy", graph["energy"].cpu().numpy() / nat, pred["energy"].cpu().numpy() / nat, mask_of("energy"))

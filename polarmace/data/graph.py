@@ -1,6 +1,6 @@
 """Batches of structures as graph dicts (the model's input) and the batch sampler.
 
-The graph dict (see .notes/INTERFACES.md) maps the key constants below to tensors:
+The graph dict maps the key constants below to tensors:
 positions [N,3], atomic_numbers [N], batch [N], ptr [B+1], cell [B,3,3], pbc [B,3],
 edge_index [2,E] (row 0 centre i, row 1 neighbour j), shifts [E,3] (vector = r_j − r_i +
 shifts @ cell[batch[i]]), total_charge [B], external_field [B,3], num_atoms [B], weight [B],

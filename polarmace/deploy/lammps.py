@@ -20,7 +20,7 @@ autograd graph) and, for the 1-2 layer models this project trains, the extra gho
 small next to PPPM; per-layer exchange would pay off for deep models on many small sub-domains.
 
 Smearing: polarmace's charges are Gaussians of width σ, pair kernel k_e erf(a r)/r with
-a = 1/(√2 σ) (SPEC §2). LAMMPS's coul/long + PPPM sum the point kernel k_e/r. The difference
+a = 1/(√2 σ) (docs/method.md §2). LAMMPS's coul/long + PPPM sum the point kernel k_e/r. The difference
 per pair is −k_e q_i q_j erfc(a r)/r, short-ranged (erfc(a r) < 1e-8 beyond 5.7 σ); the plugin
 adds it, and its potential −k_e Σ_j q_j erfc(a r_ij)/r_ij to φ_i, so the LAMMPS energy equals
 the polarmace energy of the same model. The Gaussian self-energy that polarmace removes is the

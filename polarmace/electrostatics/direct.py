@@ -12,7 +12,7 @@
 
 Both return, per site i, the potential φ_i [N] (V), the field E_i [N,3] (V/Å) and, when
 requested, the field gradient G_i,ab = ∂_a E_b [N,3,3] (V/Å²) from all other sources; see
-`kernels.pair_site_fields` for the formulas and SPEC §2 for the conventions.
+`kernels.pair_site_fields` for the formulas and docs/method.md §2 for the conventions.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reciprocal-space (k-sum) part of the Ewald sum for Gaussian-smeared multipoles, batched.
 
-Conventions are those of ``.notes/ELECTROSTATICS.md`` / SPEC §2. Rows of ``cell`` are lattice
+Conventions are those of docs/method.md §2. Rows of ``cell`` are lattice
 vectors; reciprocal vectors are ``k = 2π n·(cell⁻¹)ᵀ`` (so ``k·a_b = 2π n_b``), the volume is
 ``V = |det cell|`` and either handedness works. The structure factor of the sources is
 

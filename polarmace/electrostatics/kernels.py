@@ -1,6 +1,6 @@
 """Radial derivatives of the Gaussian-smeared Coulomb kernel and pair multipole contractions.
 
-Conventions (see SPEC §2): the pair kernel is
+Conventions (see docs/method.md §2): the pair kernel is
 
     f(r) = k_e · [erf(a r) − erf(β r)] / r,   a = 1/(√2 σ),
 

@@ -1,5 +1,5 @@
 """Electrical observables from (latent) multipoles: polarization, Born effective charges and
-polarizability (SPEC §5).
+polarizability (docs/method.md §5).
 
 Polarization. Open structures: P = Σ q_i r_i + Σ μ_i (e·Å). Periodic directions use the phase
 form: along lattice direction a, P̃_a = (1/2πi) Σ_j q_j exp(2πi s_ja) with fractional

@@ -2,7 +2,7 @@
 
 Reciprocal kernel erf(βr)/r, i.e. in Fourier space (4π k_e/(V k²)) exp(−k²/(4β²)), k ≠ 0.
 Sources: charges q, dipoles μ and traceless quadrupoles Θ (second-moment convention, see
-.notes/ELECTROSTATICS.md), with structure factor
+docs/method.md §2), with structure factor
 
     S(k) = Σ_j (q_j + i k·μ_j − ½ kᵀΘ_j k) e^{ik·r_j}
          = Σ_j (q_j + μ_j·∇_j + ½ Θ_j:∇_j∇_j) e^{ik·r_j}.

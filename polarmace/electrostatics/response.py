@@ -1,4 +1,4 @@
-"""One-step (non-self-consistent) linear response: induced charges and dipoles (SPEC §3).
+"""One-step (non-self-consistent) linear response: induced charges and dipoles (docs/method.md §3).
 
 From the potential φ_i and field E_i of the permanent multipoles (plus an external field):
 

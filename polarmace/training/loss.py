@@ -9,7 +9,7 @@ gradients whose sum over ranks equals the single-process gradient of the global 
 A term the config asks for (weight > 0) whose label is absent from the data gets weight 0 with
 one warning naming it; the active terms are logged once. Nothing is dropped silently.
 
-BEC (Born effective charges) are compared after the global sign fix of SPEC §5: the sign of the
+BEC (Born effective charges) are compared after the global sign fix of docs/method.md §5: the sign of the
 latent charges is arbitrary (E is even in q), so per structure the sign s ∈ {±1} minimising
 |s·Z_pred − Z_ref|² is chosen (s = sign Σ Z_pred·Z_ref, detached).
 """
@@ -27,7 +27,7 @@ log = logging.getLogger("polarmace.training")
 #: loss terms in a fixed order (the order of the per-term log columns)
 TERMS: Tuple[str, ...] = ("energy", "forces", "stress", "virials", "dipole", "bec")
 
-#: label key in the graph dict for each term (see INTERFACES.md); masks are f"{key}_mask"
+#: label key in the graph dict for each term (polarmace.data.graph); masks are f"{key}_mask"
 LABEL_KEYS: Dict[str, str] = {t: t for t in TERMS}
 
 
