@@ -35,7 +35,9 @@
 #include "modify.h"
 #include "neighbor.h"
 #include "pair.h"
+#include "platform.h"
 #include "update.h"
+#include "utils.h"
 
 #include <torch/script.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -45,6 +47,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -158,6 +161,7 @@ class FixPolarMACE : public Fix {
   void setup_pre_reverse(int, int) override;
   void pre_reverse(int, int) override;
   double compute_scalar() override;
+  void post_run() override;
   int pack_forward_comm(int, int *, double *, int, int *) override;
   void unpack_forward_comm(int, int, double *) override;
 
@@ -184,6 +188,11 @@ class FixPolarMACE : public Fix {
   double charge_shift = 0.0;          // (Q - S) / W
   double weight_sum = 1.0;            // W
   bool have_graph = false;
+
+  // wall time per phase on this rank over the run (s): pair list, model forward, real-space
+  // potential + smearing correction, backward + forces; printed by rank 0 at the end of a run
+  double t_pairs = 0.0, t_forward = 0.0, t_real = 0.0, t_backward = 0.0;
+  long n_calls = 0;
 
   void check_ghost_cutoff();
   void predict_charges();
@@ -393,6 +402,7 @@ void FixPolarMACE::predict_charges()
   const double reach_recv = (num_interactions - 1) * r_max + skin;
   const double reach_node = num_interactions * r_max + skin;
   const bool tri = domain->triclinic != 0;
+  const double t0 = platform::walltime();
   // Graph nodes: the receivers (owned atoms, then the ghosts within reach_recv), then one proxy
   // node per model element. A sender that is not a receiver only ever passes its layer-1
   // message, which depends on it through its element alone (the embedding) and the pair vector;
@@ -446,6 +456,8 @@ void FixPolarMACE::predict_charges()
     });
   }
   const int64_t ne = static_cast<int64_t>(edge_i.size());
+  const double t1 = platform::walltime();
+  t_pairs += t1 - t0;
   std::vector<int64_t> z(nn);
   for (int k = 0; k < nrecv; ++k) z[k] = type_z[atom->type[cand[k]]];
   for (int k = 0; k < nproxy; ++k) z[nrecv + k] = model_z[k];
@@ -468,6 +480,8 @@ void FixPolarMACE::predict_charges()
   q_out = out->elements()[1].toTensor();
   w_out = out->elements()[2].toTensor();
   have_graph = true;
+  t_forward += platform::walltime() - t1;
+  ++n_calls;
 
   torch::Tensor qd = q_out.detach().to(torch::kFloat64).contiguous();
   torch::Tensor wd = w_out.detach().to(torch::kFloat64).contiguous();
@@ -504,6 +518,7 @@ void FixPolarMACE::apply_forces(int vflag)
   const double beta = force->kspace->g_ewald;
   const double qscale = force->qqrd2e;
 
+  const double t0 = platform::walltime();
   // phi_i: reciprocal part from PPPM's per-atom energy (which already holds -2 beta q_i/sqrt(pi))
   std::vector<double> phi(nlocal, 0.0);
   for (int i = 0; i < nlocal; ++i) {
@@ -561,6 +576,8 @@ void FixPolarMACE::apply_forces(int vflag)
     phi[i] += qscale * phi_i;
   }
 
+  const double t1 = platform::walltime();
+  t_real += t1 - t0;
   // upstream gradients of the raw charges q~ and weights w through q = q~ + w (Q - S)/W
   torch::Tensor wd = w_out.detach().to(torch::kFloat64).contiguous();
   const double *wa = wd.data_ptr<double>();
@@ -607,11 +624,24 @@ void FixPolarMACE::apply_forces(int vflag)
       v[5] -= re[1] * ge[2];
     }
   }
+  t_backward += platform::walltime() - t1;
   energy_local = e_sr + e_corr;
   if (vflag_global)
     for (int k = 0; k < 6; ++k) virial[k] = v[k];
   rij = e_out = q_out = w_out = torch::Tensor();
   have_graph = false;
+}
+
+void FixPolarMACE::post_run()
+{
+  double mine[4] = {t_pairs, t_forward, t_real, t_backward}, most[4];
+  MPI_Reduce(mine, most, 4, MPI_DOUBLE, MPI_MAX, 0, world);
+  if (comm->me == 0 && n_calls > 0)
+    utils::logmesg(lmp, "fix polarmace: {} evaluations; slowest rank's time (s): pair list {:.3f}, model forward "
+                   "{:.3f}, real-space potential {:.3f}, backward + forces {:.3f}\n", n_calls, most[0], most[1],
+                   most[2], most[3]);
+  t_pairs = t_forward = t_real = t_backward = 0.0;
+  n_calls = 0;
 }
 
 double FixPolarMACE::compute_scalar()
