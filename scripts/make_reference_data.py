@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 
+#: The shared 64-molecule liquid water box (next to the repository), the default AMOEBA start.
+LIQUID_64 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "water_structures" / "liquid-64.xyz"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=("nacl", "water", "melt", "drude", "all"))
@@ -36,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nacl-test-size", type=int, default=200)
     p.add_argument("--water-configs", type=int, default=None, help="periodic AMOEBA frames")
     p.add_argument("--water-clusters", type=int, default=None, help="AMOEBA clusters with BEC")
+    p.add_argument("--water-start", type=Path, default=LIQUID_64,
+                   help="starting 64-molecule water box (extxyz with cell); a built box when the file is absent")
     p.add_argument("--melt-frames", type=int, default=1500, help="rigid-ion NaCl melt frames")
     p.add_argument("--drude-frames", type=int, default=500, help="Drude NaCl melt frames")
     p.add_argument("--drude-bec-frames", type=int, default=100, help="Drude frames with finite-field BEC")
@@ -63,6 +69,8 @@ def make_water(args: argparse.Namespace) -> None:
     kw_c = {} if args.water_clusters is None else {"n_configs": args.water_clusters}
     if args.quick:
         kw_p, kw_c = {"n_configs": 5}, {"n_configs": 2}
+    if args.water_start.is_file():  # as before: the shared box when present, else a built one
+        kw_p["start"] = kw_c["start"] = args.water_start
     periodic = amoeba_water.generate_periodic(args.out / "water_amoeba_periodic.extxyz",
                                               seed=args.seed, progress=not args.no_progress, **kw_p)
     clusters = amoeba_water.generate_clusters(args.out / "water_amoeba_clusters.extxyz",

@@ -80,7 +80,7 @@ def test_water_box_and_cluster_geometry(box):
     assert np.abs(cluster.reshape(-1, 3).mean(axis=0)).max() < 1e-12
     oh = np.linalg.norm(cluster[:, 1:] - cluster[:, :1], axis=-1)
     assert oh.max() < 1.2
-    built, built_cell = aw.water_box(27, seed=3)  # no 27-molecule file: a built box
+    built, built_cell = aw.water_box(27, seed=3)  # no start file: a built box
     assert built.shape == (81, 3)
     density = 27 * 18.01528 / 6.02214076e23 / abs(np.linalg.det(built_cell)) * 1e24
     assert density == pytest.approx(1.0, rel=1e-9)

@@ -107,7 +107,6 @@ _WATER_MOLAR_MASS = 18.01528
 #: Convergence of the induced dipoles for every stored label (RMS change, Debye; OpenMM's unit).
 LABEL_EPSILON = 1e-7
 #: Default starting box: 64 molecules (192 atoms), cell in the file.
-LIQUID_64 = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "water_structures" / "liquid-64.xyz"
 SOURCE = "amoeba2018"
 DEFAULT_TEMPERATURES = (280.0, 300.0, 320.0, 340.0, 360.0)
 _PathLike = Union[str, "os.PathLike[str]"]
@@ -434,23 +433,23 @@ def water_box(n_molecules: int = 64, seed: int = 0, density: float = 1.0,
               start: Optional[_PathLike] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Starting box: (positions [3n, 3] Å in O H H order with whole molecules, cell [3, 3] Å).
 
-    Uses `start` (default `LIQUID_64`, an extxyz with the cell) when it exists and holds
-    `n_molecules` molecules; otherwise `built_water_box(n_molecules, seed, density)`.
+    Uses `start` (an extxyz with the cell, e.g. a liquid box of the shared datasets, which the
+    caller locates: the package resolves no paths of its own) when given; it must hold
+    `n_molecules` molecules. Without it: `built_water_box(n_molecules, seed, density)`.
     """
-    path = Path(start) if start is not None else LIQUID_64
-    if start is not None and not path.is_file():
+    if start is None:
+        return built_water_box(n_molecules, seed, density)
+    path = Path(start)
+    if not path.is_file():
         raise FileNotFoundError(f"starting structure {path} not found")
-    if path.is_file():
-        import ase.io
+    import ase.io
 
-        atoms = ase.io.read(str(path))
-        if len(atoms) == 3 * n_molecules:
-            cell = atoms.cell.array.copy()
-            order = _molecule_order(atoms.get_chemical_symbols(), atoms.positions, cell)
-            return whole_molecules(atoms.positions[order], cell), cell
-        if start is not None:
-            raise ValueError(f"{path} holds {len(atoms)} atoms, expected {3 * n_molecules}")
-    return built_water_box(n_molecules, seed, density)
+    atoms = ase.io.read(str(path))
+    if len(atoms) != 3 * n_molecules:
+        raise ValueError(f"{path} holds {len(atoms)} atoms, expected {3 * n_molecules}")
+    cell = atoms.cell.array.copy()
+    order = _molecule_order(atoms.get_chemical_symbols(), atoms.positions, cell)
+    return whole_molecules(atoms.positions[order], cell), cell
 
 
 def built_water_box(n_molecules: int = 64, seed: int = 0, density: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
@@ -812,8 +811,8 @@ def generate_periodic(out_path: _PathLike, n_configs: int = 2000, n_molecules: i
 
     Langevin MD (time step `dt_fs` fs, friction `friction_per_ps` 1/ps) runs through
     `temperatures` (K) in equal consecutive blocks of frames; a frame is stored every
-    `sample_every` steps. The run starts from `start` (default: the shared 64-molecule liquid box
-    when present, else a built 1 g/cm³ box), minimised for `minimize_iterations`, equilibrated
+    `sample_every` steps. The run starts from `start` (an extxyz box of `n_molecules`
+    molecules; default: a built 1 g/cm³ box), minimised for `minimize_iterations`, equilibrated
     `initial_equilibration_steps` steps, plus `equilibration_steps` at the start of every
     temperature block. Labels use PME with `cutoff` (Å) and `ewald_tolerance`, and induced dipoles
     converged to `epsilon` (Debye); see the module docstring for the stored keys and units.
