@@ -16,6 +16,11 @@ for a descheduled sibling burn seconds of CPU on such a machine.
     python benchmarks/trunk_speed.py                         # 192 and 1536 atoms, float64 and float32
     python benchmarks/trunk_speed.py --sizes 1 --dtypes float64 --repeats 5
     python benchmarks/trunk_speed.py --mace-python /path/to/venv/bin/python   # + mace-torch, same cases
+    python benchmarks/trunk_speed.py --mace-python PY --allocator both --rounds 2 --json out.json
+
+Each case runs with glibc's allocator as it is and tuned (polarmace.runtime.tune_allocator, as the
+trainer and polarmace-md use it) on both sides (--allocator both, the default); the summary gives
+the polarmace / mace-torch ratios of CPU time, wall time and peak-minus-base memory.
 
 The optional mace-torch comparison runs the same script under another interpreter that has
 mace-torch installed (it needs e3nn 0.4.x, hence a separate environment) and builds a MACE model
@@ -136,12 +141,13 @@ def _case_mace(args) -> dict:
 
 
 def _malloc_tune() -> None:
-    """glibc: no mmap for large blocks and no trimming, so freed memory is reused without page faults."""
-    import ctypes
+    """polarmace.runtime.tune_allocator (what the trainer and polarmace-md do): glibc keeps freed
+    memory (no trimming, no mmap below 32 MiB), so a step does not page-fault its buffers in again.
+    Plain ctypes, so the MACE environment imports it too (PYTHONPATH has the repository)."""
+    from polarmace.runtime import tune_allocator
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-4, 0)  # M_MMAP_MAX
-    libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD
+    if not tune_allocator():
+        raise SystemExit("tune_allocator: not glibc here")
 
 
 def _rss_mib() -> float:
@@ -172,7 +178,8 @@ def _time(step, args, n_atoms, n_edges) -> dict:
     return {"atoms": n_atoms, "edges": n_edges, "wall_s": statistics.median(walls), "wall_min_s": min(walls),
             "cpu_s": statistics.median(cpus), "cpu_min_s": min(cpus), "user_s": statistics.median(users),
             "sys_s": statistics.median(syss), "minor_faults": int(statistics.median(faults)),
-            "peak_mib": peak, "base_mib": base, "loadavg": load, "threads": args.threads}
+            "peak_mib": peak, "base_mib": base, "peak_minus_base_mib": peak - base, "loadavg": load,
+            "threads": args.threads}
 
 
 def _run_case(python: str, impl: str, args, tiling: int, dtype: str) -> dict:
@@ -217,8 +224,11 @@ def main(argv=None) -> None:
     ap.add_argument("--script", action="store_true", help="time the TorchScript-compiled trunk")
     ap.add_argument("--keep-edge-products", action="store_true",
                     help="MACETrunk(low_memory=False): keep per-edge products for the backward (faster, more memory)")
-    ap.add_argument("--malloc-tune", action="store_true",
-                    help="glibc mallopt: keep freed memory (no page faults after warm-up), both implementations")
+    ap.add_argument("--malloc-tune", action="store_true", help="same as --allocator tuned")
+    ap.add_argument("--allocator", choices=["plain", "tuned", "both"], default="both",
+                    help="glibc allocator as it is, tuned (polarmace.runtime.tune_allocator) on both sides, or both "
+                         "settings in the same invocation (default)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every case")
     ap.add_argument("--thp", action="store_true",
                     help="THP_MEM_ALLOC_ENABLE=1 for both implementations: torch backs large CPU tensors with "
                          "transparent huge pages (far fewer page faults)")
@@ -242,17 +252,49 @@ def main(argv=None) -> None:
     impls = [("polarmace", sys.executable)]
     if args.mace_python:
         impls.append(("mace-torch", args.mace_python))
+    settings = {"plain": [False], "tuned": [True], "both": [False, True]}["tuned" if args.malloc_tune else args.allocator]
     rows = []
-    for tiling in [int(s) for s in args.sizes.split(",")]:
-        for dtype in args.dtypes.split(","):
-            for impl, python in impls:
-                res = _run_case(python, "polarmace" if impl == "polarmace" else "mace", args, tiling, dtype)
-                res.update({"impl": impl, "dtype": dtype, "tiling": tiling})
-                rows.append(res)
-                _print_row(res)
+    for rnd in range(args.rounds):
+        for tiling in [int(s) for s in args.sizes.split(",")]:
+            for dtype in args.dtypes.split(","):
+                for tuned in settings:
+                    args.malloc_tune = tuned
+                    for impl, python in impls:
+                        res = _run_case(python, "polarmace" if impl == "polarmace" else "mace", args, tiling, dtype)
+                        res.update({"impl": impl, "dtype": dtype, "tiling": tiling, "round": rnd,
+                                    "allocator": "tuned" if tuned else "plain"})
+                        rows.append(res)
+                        _print_row(res)
+    summary = _summary(rows)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+            json.dump({"command": "python benchmarks/trunk_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "rows": rows, "summary": summary}, fh, indent=1)
+
+
+def _summary(rows: list) -> list:
+    """Medians over rounds and polarmace / mace-torch ratios per (atoms, dtype, allocator)."""
+    out = []
+    keys = sorted({(r["tiling"], r["dtype"], r["allocator"]) for r in rows if "error" not in r})
+    if keys:
+        print("\nmedians over rounds; polarmace / mace-torch (< 1: polarmace cheaper)")
+    for tiling, dtype, alloc in keys:
+        sel = [r for r in rows if "error" not in r and (r["tiling"], r["dtype"], r["allocator"]) == (tiling, dtype, alloc)]
+        entry = {"tiling": tiling, "dtype": dtype, "allocator": alloc}
+        for impl in ("polarmace", "mace-torch"):
+            mine = [r for r in sel if r["impl"] == impl]
+            if mine:
+                entry[impl] = {k: statistics.median([r[k] for r in mine])
+                               for k in ("cpu_s", "wall_s", "peak_minus_base_mib", "minor_faults")}
+                entry["atoms"] = mine[0]["atoms"]
+        if "polarmace" in entry and "mace-torch" in entry:
+            a, b = entry["polarmace"], entry["mace-torch"]
+            entry["ratio"] = {k: a[k] / b[k] if b[k] else float("nan") for k in ("cpu_s", "wall_s", "peak_minus_base_mib")}
+            print(f"  {entry['atoms']:>5} atoms {dtype:8s} allocator {alloc:6s}: CPU {a['cpu_s']:.3f} vs {b['cpu_s']:.3f} s "
+                  f"({entry['ratio']['cpu_s']:.2f}x), wall {entry['ratio']['wall_s']:.2f}x, peak-minus-base "
+                  f"{a['peak_minus_base_mib']:.0f} vs {b['peak_minus_base_mib']:.0f} MiB ({entry['ratio']['peak_minus_base_mib']:.2f}x)")
+        out.append(entry)
+    return out
 
 
 _HEADER = False
@@ -261,13 +303,13 @@ _HEADER = False
 def _print_row(r: dict) -> None:
     global _HEADER
     if not _HEADER:
-        print(f"{'impl':<11} {'dtype':<8} {'atoms':>6} {'edges':>7} {'thr':>3} {'wall s':>8} {'min s':>8} {'cpu s':>8} "
+        print(f"{'impl':<11} {'alloc':<6} {'dtype':<8} {'atoms':>6} {'edges':>7} {'thr':>3} {'wall s':>8} {'min s':>8} {'cpu s':>8} "
               f"{'cpu min':>8} {'user s':>8} {'sys s':>7} {'minflt':>8} {'peak MiB':>9} {'base MiB':>9} {'load':>5}")
         _HEADER = True
     if "error" in r:
         print(f"{r['impl']:<11} {r['dtype']:<8} tiling {r['tiling']}: ERROR {r['error']}")
         return
-    print(f"{r['impl']:<11} {r['dtype']:<8} {r['atoms']:>6} {r['edges']:>7} {r['threads']:>3} {r['wall_s']:>8.3f} "
+    print(f"{r['impl']:<11} {r.get('allocator', ''):<6} {r['dtype']:<8} {r['atoms']:>6} {r['edges']:>7} {r['threads']:>3} {r['wall_s']:>8.3f} "
           f"{r['wall_min_s']:>8.3f} {r['cpu_s']:>8.3f} {r['cpu_min_s']:>8.3f} {r['user_s']:>8.3f} {r['sys_s']:>7.3f} "
           f"{r['minor_faults']:>8d} {r['peak_mib']:>9.0f} {r.get('base_mib', 0.0):>9.0f} {r['loadavg']:>5.1f}", flush=True)
 
