@@ -62,6 +62,7 @@ namespace {
 // from the exported module and replaces it (they differ by 3.3e-8 relative).
 constexpr double KE_METAL = 14.399645;
 constexpr double TWO_OVER_SQRTPI = 1.12837916709551257390;
+constexpr double MY_PI_VALUE = 3.14159265358979323846;
 // Beyond this erfc(a r) the smearing correction is dropped; the coul/long cutoff must reach it.
 constexpr double SMEAR_TAIL = 1e-8;
 // The format version of polarmace.deploy.lammps.FORMAT_VERSION this plugin reads.
@@ -625,7 +626,20 @@ void FixPolarMACE::apply_forces(int vflag)
     }
   }
   t_backward += platform::walltime() - t1;
-  energy_local = e_sr + e_corr;
+  // Net charge Q. LAMMPS's point-charge sum carries the background term
+  // E_L = -pi k_e Q^2 / (2 V beta^2) in its energy but PPPM leaves its volume derivative out of
+  // the virial; the Gaussian sum with k = 0 dropped (polarmace) is E_pt + E_Q with
+  // E_Q = +pi k_e Q^2 sigma^2 / V. Both depend on the volume only: an energy c/V has the virial
+  // c/V on each diagonal entry. Counted once, on rank 0.
+  double e_background = 0.0;
+  if (comm->me == 0 && total_charge != 0.0) {
+    const double volume = domain->xprd * domain->yprd * domain->zprd;
+    const double q2 = total_charge * total_charge;
+    e_background = MY_PI_VALUE * qscale * q2 * sigma * sigma / volume;
+    const double e_lammps = -MY_PI_VALUE * qscale * q2 / (2.0 * volume * beta * beta);
+    for (int k = 0; k < 3; ++k) v[k] += e_background + e_lammps;
+  }
+  energy_local = e_sr + e_corr + e_background;
   if (vflag_global)
     for (int k = 0; k < 6; ++k) virial[k] = v[k];
   rij = e_out = q_out = w_out = torch::Tensor();

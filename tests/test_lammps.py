@@ -166,17 +166,22 @@ def test_export_cli_lammps(tmp_path, trained):
 
 
 # ------------------------------------------------------------------------------ LAMMPS runs
-def test_energy_forces_stress_match_calculator(plugin, exported, trained, tmp_path):
+@pytest.mark.parametrize("total_charge", [0.0, 1.0])
+def test_energy_forces_stress_match_calculator(plugin, exported, trained, tmp_path, total_charge):
     """One rank, PPPM 1e-6: energy, forces, pressure tensor and charges against the calculator
-    of the same model (electrostatics converged to 1e-10), within PPPM's accuracy. The fix's own
-    part (short range + Gaussian-smearing correction) is exact: E_sr + E_gauss(q) − E_point(q)."""
+    of the same model (electrostatics converged to 1e-10), within PPPM's accuracy, neutral and
+    with a net charge of +1 e (background terms). The fix's own part (short range +
+    Gaussian-smearing correction + background difference) is exact: E_sr + E_gauss(q) − E_point(q)."""
     from ase.units import bar
 
     from polarmace.calculator import PolarMACECalculator
 
     atoms = _frame(0)
+    atoms.info.pop("charge", None)
+    atoms.info["total_charge"] = total_charge
     acc = 1e-6
-    thermo, dump, log = _run(plugin, exported, atoms, tmp_path, cut_coul=8.0, accuracy=acc)
+    thermo, dump, log = _run(plugin, exported, atoms, tmp_path, cut_coul=8.0, accuracy=acc,
+                             fix_extra=f"total_charge {total_charge}")
     row, frame = thermo[0], dump[0]
     atoms.calc = PolarMACECalculator(_reference_model(trained))
     e_ref = atoms.get_potential_energy()
@@ -185,6 +190,7 @@ def test_energy_forces_stress_match_calculator(plugin, exported, trained, tmp_pa
     res = atoms.calc.results
     q = frame["q"]
     np.testing.assert_allclose(q, res["charges"], atol=1e-12)
+    assert abs(q.sum() - total_charge) < 1e-12
 
     e_point = _ewald(atoms, q, 0.0)
     e_gauss = _ewald(atoms, q, 1.0)
