@@ -113,7 +113,7 @@ def world(tmp_path_factory):
     w["flat"] = write(root / "flat.xyz", [flat])
     configs = read_configurations(w["data"])
     w["h5"] = root / "train.h5"
-    write_dataset(w["h5"], configs, progress=False)
+    write_dataset(w["h5"], configs)
     w["h5_nan"], w["h5_rows"] = _broken_h5(w["h5"], root)
     w["file"] = root / "a_file"
     w["file"].write_text("not a directory\n")

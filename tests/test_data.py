@@ -263,7 +263,7 @@ def _assert_same(a: Configuration, b: Configuration):
 
 def test_extxyz_to_hdf5_to_batch_round_trip(tmp_path):
     frames = read_configurations(FIXTURE)
-    stats = write_dataset(tmp_path / "train.h5", frames, progress=False, r_max=3.0)
+    stats = write_dataset(tmp_path / "train.h5", frames, r_max=3.0)
     dataset = HDF5Dataset(tmp_path / "train.h5")
     assert len(dataset) == 3 and dataset.elements == ["H", "C", "O", "Na", "Cl"]
     assert dataset.num_atoms.tolist() == [3, 2, 4]
@@ -330,7 +330,7 @@ def test_edges_follow_the_convention_and_match_ase():
 def test_corrupt_hdf5_gives_a_clear_error(tmp_path):
     frames = read_configurations(FIXTURE)
     path = tmp_path / "train.h5"
-    write_dataset(path, frames * 50, progress=False)
+    write_dataset(path, frames * 50)
     data = path.read_bytes()
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(data[: len(data) // 2])
@@ -356,7 +356,7 @@ def test_corrupt_hdf5_gives_a_clear_error(tmp_path):
 def test_hdf5_dataset_pickles_and_works_in_worker_processes(tmp_path):
     frames = read_configurations(FIXTURE)
     path = tmp_path / "train.h5"
-    write_dataset(path, frames * 4, progress=False, compression="gzip")
+    write_dataset(path, frames * 4, compression="gzip")
     dataset = HDF5Dataset(path)
     assert dataset._file is None  # nothing held open after __init__
     _assert_same(dataset[0], frames[0])  # opens the file in this process
@@ -383,13 +383,15 @@ def test_statistics_e0s_force_rms_and_neighbours():
     stats = compute_statistics(frames, r_max=2.0)
     assert stats["elements"] == ["H", "O"]
     assert stats["e0s"]["H"] == pytest.approx(-13.6 + 0.01) and stats["e0s"]["O"] == pytest.approx(-432.1 + 0.01)
-    assert stats["mean_interaction_energy_per_atom"] == pytest.approx(0.0, abs=1e-10)
+    assert stats["shift"] == pytest.approx(0.0, abs=1e-10)  # the mean interaction energy per atom
     f = np.concatenate([c.forces for c in frames])
-    assert stats["force_rms"] == pytest.approx(np.sqrt(np.mean(f ** 2)))
+    assert stats["scale"] == pytest.approx(np.sqrt(np.mean(f ** 2)))  # the force RMS
     graph = collate(frames, cutoff=2.0)
     assert stats["avg_num_neighbors"] == pytest.approx(graph[g.EDGE_INDEX].shape[1] / graph[g.POSITIONS].shape[0])
-    with pytest.raises(DataError, match="not in the element list"):
-        compute_statistics(frames, elements=["H"])
+    assert stats["num_structures"] == 5 and stats["num_atoms"] == len(f) and stats["labels"]["forces"] == len(f)
+    with pytest.raises(ConfigError, match=r"'model.elements': \['H'\] lacks \['O'\], present in the data"):
+        compute_statistics(frames, r_max=2.0, elements=["H"])
+    assert compute_statistics([Configuration(c.atomic_numbers, c.positions) for c in frames], r_max=2.0)["e0s"] is None
 
 
 # ------------------------------------------------------------------------------ batching
@@ -532,7 +534,7 @@ def test_real_carbon_chain_total_charges(tmp_path):
         # C10H2 is neutral, C10H3+ carries +1
         assert c.total_charge == c.num_atoms - 12
     assert {c.total_charge for c in frames} == {0.0, 1.0}
-    write_dataset(tmp_path / "cc.h5", frames, progress=False, r_max=5.0)
+    write_dataset(tmp_path / "cc.h5", frames, r_max=5.0)
     batch = next(iter(make_loader(HDF5Dataset(tmp_path / "cc.h5"), cutoff=5.0, batch_size=128)))
     assert batch[g.TOTAL_CHARGE].tolist() == [c.total_charge for c in frames]
     assert batch[g.POSITIONS].shape[0] == sum(c.num_atoms for c in frames)

@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(labels: energy forces stress virials dipole bec total_charge weight external_field)")
     p.add_argument("--total-charge", type=float, default=None,
                    help="total charge of structures whose file gives none (default 0; NaCl clusters: 1)")
-    p.add_argument("--r-max", type=float, default=None, help="cutoff (Å) for the avg_num_neighbors statistic")
+    p.add_argument("--r-max", type=float, default=None,
+                   help="cutoff (Å) of the stored statistics (avg_num_neighbors); default model.r_max of --config, "
+                        "else 5")
     p.add_argument("--elements", nargs="+", default=None, help="element list (default: the elements in the data)")
     p.add_argument("--required", nargs="+", default=None, metavar="LABEL",
                    help="labels every structure must carry (e.g. energy forces)")
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     config = Config.from_dict(resolved)
     spec = KeySpec.from_config(config.data)
     total_charge = config.data.default_total_charge if args.total_charge is None else args.total_charge
-    r_max = config.model.r_max if args.r_max is None and args.config else args.r_max
+    r_max = config.model.r_max if args.r_max is None else args.r_max
     elements = args.elements if args.elements is not None else config.model.elements
     output = Path(args.output)
     for name in args.inputs:
@@ -96,23 +98,21 @@ def _run(args: argparse.Namespace) -> int:
             min_distance=args.min_distance if args.min_distance > 0 else None, n2p2_units=args.n2p2_units,
             progress=not args.no_progress)
     try:
-        stats = write_dataset(output, configurations, elements=elements, progress=not args.no_progress,
-                              r_max=r_max, compression=None if args.compression == "none" else args.compression)
+        stats = write_dataset(output, configurations, elements=elements, r_max=r_max,
+                              compression=None if args.compression == "none" else args.compression)
     except OSError as exc:
         raise output_error(output, exc) from exc
     labels = [label for label in LABEL_NAMES if any(getattr(c, label) is not None for c in configurations)]
     charges = sorted({c.total_charge for c in configurations})
-    print(f"wrote {output}: {stats['num_configs']} structures, {stats['num_atoms']} atoms, "
+    print(f"wrote {output}: {stats['num_structures']} structures, {stats['num_atoms']} atoms, "
           f"elements {' '.join(stats['elements'])}")
     print(f"  labels: {', '.join(labels) or 'none'}; total charges: {', '.join(f'{q:g}' for q in charges)}")
     if stats["e0s"] is not None:
         print("  E0s (least squares, eV): " + ", ".join(f"{s} {v:.4f}" for s, v in stats["e0s"].items()))
-        print(f"  mean energy per atom {stats['mean_energy_per_atom']:.4f} eV; "
-              f"after E0s {stats['mean_interaction_energy_per_atom']:.4f} eV")
-    if stats["force_rms"] is not None:
-        print(f"  force RMS {stats['force_rms']:.4f} eV/Å")
-    if stats["avg_num_neighbors"] is not None:
-        print(f"  avg_num_neighbors {stats['avg_num_neighbors']:.2f} within r_max {stats['r_max']:g} Å")
+        print(f"  mean energy per atom {stats['mean_energy_per_atom']:.4f} eV; after E0s {stats['shift']:.4f} eV")
+    if "forces" in stats["labels"]:
+        print(f"  force RMS {stats['scale']:.4f} eV/Å")
+    print(f"  avg_num_neighbors {stats['avg_num_neighbors']:.2f} within r_max {stats['r_max']:g} Å")
     return 0
 
 

@@ -14,7 +14,8 @@ Layout (format "polarmace-hdf5", version 1)::
         external_field (only if some structure has it), and forces_mask / bec_mask [B].
 
 Per-atom arrays are chunked and compressed; per-structure arrays (small) are read into memory
-when the dataset is opened. Statistics (see `compute_statistics`) are stored as JSON.
+when the dataset is opened. Statistics (`polarmace.data.statistics.compute_statistics`) are
+stored as JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +28,18 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch.utils.data
 
-from .schema import (LABEL_NAMES, PER_ATOM_LABELS, Configuration, DataError, check_cell, stack_label,
-                     validate_configuration)
+from .schema import (
+    LABEL_NAMES,
+    PER_ATOM_LABELS,
+    Configuration,
+    DataError,
+    check_cell,
+    stack_label,
+    validate_configuration,
+)
+from .statistics import compute_statistics
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_dataset", "HDF5Dataset", "compute_statistics"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_dataset", "HDF5Dataset"]
 
 FORMAT = "polarmace-hdf5"
 FORMAT_VERSION = 1
@@ -42,91 +51,6 @@ _ATOM_CHUNK = 2048
 _VALIDATE_ROWS = 1 << 20
 
 
-def _atomic_numbers(elements: Optional[Sequence[Union[str, int]]]) -> Optional[List[int]]:
-    if elements is None:
-        return None
-    from ase.data import atomic_numbers
-
-    out = []
-    for e in elements:
-        if isinstance(e, str):
-            if e not in atomic_numbers or atomic_numbers[e] == 0:
-                raise DataError(f"unknown element symbol {e!r} in elements")
-            out.append(atomic_numbers[e])
-        else:
-            out.append(int(e))
-    return sorted(set(out))
-
-
-def compute_statistics(configurations: Sequence[Configuration], elements: Optional[Sequence[Union[str, int]]] = None,
-                       r_max: Optional[float] = None, progress: bool = False) -> Dict[str, Any]:
-    """Statistics of a training set, JSON-serialisable.
-
-    Returns a dict with
-        elements: symbols (sorted by Z); num_configs; num_atoms;
-        e0s: {symbol: eV} by least squares of E_b ≈ Σ_e n_be E0_e over structures with energy
-             (minimum-norm solution when the compositions do not determine it);
-        mean_energy_per_atom: mean of E_b / N_b;
-        mean_interaction_energy_per_atom: mean of (E_b − Σ_e n_be E0_e) / N_b;
-        force_rms: sqrt(mean of all force components squared);
-        avg_num_neighbors: mean number of neighbours within r_max (periodic images included);
-        r_max.
-    Values that the data cannot give are None.
-    """
-    from ase.data import chemical_symbols
-
-    present = sorted({int(z) for c in configurations for z in np.unique(c.atomic_numbers)})
-    zs = _atomic_numbers(elements)
-    if zs is None:
-        zs = present
-    missing = sorted(set(present) - set(zs))
-    if missing:
-        raise DataError(f"the data contains elements {[chemical_symbols[z] for z in missing]} that are not "
-                        f"in the element list {[chemical_symbols[z] for z in zs]}")
-    column = {z: k for k, z in enumerate(zs)}
-    counts = np.zeros((len(configurations), len(zs)))
-    for b, c in enumerate(configurations):
-        u, n = np.unique(c.atomic_numbers, return_counts=True)
-        counts[b, [column[int(z)] for z in u]] = n
-    natoms = counts.sum(axis=1)
-    with_energy = np.array([c.energy is not None for c in configurations], dtype=bool)
-    stats: Dict[str, Any] = {
-        "elements": [chemical_symbols[z] for z in zs],
-        "num_configs": len(configurations),
-        "num_atoms": int(natoms.sum()),
-        "e0s": None, "mean_energy_per_atom": None, "mean_interaction_energy_per_atom": None,
-        "force_rms": None, "avg_num_neighbors": None, "r_max": None if r_max is None else float(r_max),
-    }
-    if with_energy.any():
-        energies = np.array([c.energy for c in configurations if c.energy is not None])
-        a = counts[with_energy]
-        e0, *_ = np.linalg.lstsq(a, energies, rcond=None)
-        stats["e0s"] = {chemical_symbols[z]: float(v) for z, v in zip(zs, e0)}
-        stats["mean_energy_per_atom"] = float(np.mean(energies / natoms[with_energy]))
-        stats["mean_interaction_energy_per_atom"] = float(np.mean((energies - a @ e0) / natoms[with_energy]))
-    forces = [c.forces for c in configurations if c.forces is not None]
-    if forces:
-        f = np.concatenate(forces)
-        stats["force_rms"] = float(np.sqrt(np.mean(f ** 2)))
-    if r_max is not None:
-        stats["avg_num_neighbors"] = _avg_num_neighbors(configurations, float(r_max), progress)
-    return stats
-
-
-def _avg_num_neighbors(configurations: Sequence[Configuration], r_max: float, progress: bool) -> float:
-    from tqdm.auto import tqdm
-
-    from ..neighbours import neighbour_pairs
-
-    edges = atoms = 0
-    for c in tqdm(configurations, desc="neighbours", disable=not progress, unit="struct"):
-        edge_index, _ = neighbour_pairs(torch.from_numpy(c.positions), torch.from_numpy(c.cell)[None],
-                                        torch.from_numpy(c.pbc)[None], torch.zeros(c.num_atoms, dtype=torch.long), r_max)
-        edges += edge_index.shape[1]
-        atoms += c.num_atoms
-    return edges / atoms
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -136,14 +60,15 @@ def _json_default(value: Any) -> Any:
 
 
 def write_dataset(path: Union[str, Path], configurations: Sequence[Configuration],
-                  elements: Optional[Sequence[Union[str, int]]] = None, progress: bool = True,
-                  r_max: Optional[float] = None, compression: Optional[str] = "lzf") -> Dict[str, Any]:
+                  elements: Optional[Sequence[str]] = None, r_max: Optional[float] = None,
+                  compression: Optional[str] = "lzf") -> Dict[str, Any]:
     """Write structures to an HDF5 training set and return its statistics.
 
     The file is written under a temporary name and renamed when complete, so an interrupted run
-    never leaves a half-written set behind. `elements` (symbols or atomic numbers) fixes the
-    element list (it must contain every element of the data); `r_max` adds avg_num_neighbors
-    to the statistics. `compression`: "lzf" (fast), "gzip" or None.
+    never leaves a half-written set behind. With `r_max` (Å) the statistics of
+    `polarmace.data.statistics.compute_statistics` (neighbours within r_max; `elements`, symbols,
+    fixes the element list, which must contain every element of the data) are stored and
+    returned; without it none ({}). `compression`: "lzf" (fast), "gzip" or None.
     """
     import h5py
 
@@ -155,7 +80,9 @@ def write_dataset(path: Union[str, Path], configurations: Sequence[Configuration
         raise DataError(f"{path}: no structures to write")
     for i, c in enumerate(configurations):
         validate_configuration(c, f"structure {i}", min_distance=None)
-    stats = compute_statistics(configurations, elements, r_max, progress)
+    stats = compute_statistics(configurations, float(r_max), elements=elements, elements_key="elements") \
+        if r_max is not None else {}
+    present = sorted({int(z) for c in configurations for z in np.unique(c.atomic_numbers)})
     from ase.data import atomic_numbers as z_of
 
     ptr = np.concatenate([[0], np.cumsum([c.num_atoms for c in configurations])]).astype(np.int64)
@@ -172,7 +99,8 @@ def write_dataset(path: Union[str, Path], configurations: Sequence[Configuration
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["polarmace_version"] = __version__
             f.attrs["statistics"] = json.dumps(stats)
-            f.create_dataset("elements", data=np.array([z_of[s] for s in stats["elements"]], dtype=np.int64))
+            zs = [z_of[s] for s in stats["elements"]] if stats else present
+            f.create_dataset("elements", data=np.array(zs, dtype=np.int64))
             atoms = f.create_group("atoms")
             conf = f.create_group("configs")
 

@@ -4,8 +4,7 @@ of neighbours, shift and scale, and which labels the set carries."""
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,21 +27,28 @@ def _z(symbol: str) -> int:
     return atomic_numbers[symbol]
 
 
-def compute_statistics(train: Sequence[Configuration], model: Any, batch_size: int = 32) -> Dict[str, Any]:
-    """Statistics over the TRAINING split, through collated graphs.
+def compute_statistics(configurations: Sequence[Configuration], r_max: float, elements: Optional[Sequence[str]] = None,
+                       e0s: Any = "least_squares", batch_size: int = 32,
+                       elements_key: str = "model.elements") -> Dict[str, Any]:
+    """Statistics of a set (the training split, or an HDF5 set when it is written), through
+    collated graphs with neighbours within `r_max` (Å). The one statistics function: the
+    trainer normalises its model with it and `write_dataset` stores its result.
 
-    `model` is the ``model`` config section (ModelConfig): `r_max` (Å) for the neighbour count,
-    `elements` (None: those found) and `e0s`. Returns {elements, e0s {symbol: eV},
-    avg_num_neighbors, shift (mean interaction energy per atom, eV), scale (RMS force
-    component, eV/Å), labels {label: number of structures or atoms carrying it}, num_train}.
+    `elements` (None: those found; `elements_key` names the setting in errors) and `e0s`
+    ("least_squares", "average" or {symbol: eV}) as in ``model``. Returns {elements,
+    e0s {symbol: eV} (None when the set has no energies and none are given), avg_num_neighbors,
+    r_max, shift (mean interaction energy per atom, eV), mean_energy_per_atom (eV or None),
+    scale (RMS force component, eV/Å; 1 without forces), labels {label: structures or atoms
+    carrying it}, num_structures, num_atoms}.
     """
     zs_all: set = set()
     rows: List[Tuple[np.ndarray, float, int]] = []  # (atomic numbers, energy, n) of labelled E
     labels: Dict[str, float] = {t: 0.0 for t in LABEL_NAMES}
     edges = atoms_total = 0
     f_sq = f_n = 0.0
+    train = configurations
     for start in range(0, len(train), batch_size):
-        g = collate([train[i] for i in range(start, min(start + batch_size, len(train)))], cutoff=float(model.r_max))
+        g = collate([train[i] for i in range(start, min(start + batch_size, len(train)))], cutoff=float(r_max))
         z = g["atomic_numbers"].cpu().numpy()
         zs_all.update(int(x) for x in np.unique(z))
         edges += int(g["edge_index"].shape[1])
@@ -70,43 +76,45 @@ def compute_statistics(train: Sequence[Configuration], model: Any, batch_size: i
             else:
                 f_sq += float((f ** 2).sum())
                 f_n += f.numel()
-    elements = model.elements
     if elements:
         missing = sorted(zs_all - {_z(s) for s in elements})
         if missing:
-            raise ConfigError(f"invalid value for 'model.elements': {elements} lacks "
-                              f"{[_symbol(z) for z in missing]}, present in the training data")
+            raise ConfigError(f"invalid value for '{elements_key}': {list(elements)} lacks "
+                              f"{[_symbol(z) for z in missing]}, present in the data")
         elements = list(elements)
     else:
         elements = [_symbol(z) for z in sorted(zs_all)]
-    e0s = fit_e0s(model.e0s, elements, rows)
+    fitted = fit_e0s(e0s, elements, rows)
     shift = 0.0
-    if rows:
-        inter = [(e - float(sum(e0s[_symbol(x)] for x in zz_row))) / n for zz_row, e, n in rows]
+    if rows and fitted is not None:
+        inter = [(e - float(sum(fitted[_symbol(x)] for x in zz_row))) / n for zz_row, e, n in rows]
         shift = float(np.mean(inter))
     scale = math.sqrt(f_sq / f_n) if f_n > 0 else 1.0
     return {
         "elements": elements,
-        "e0s": e0s,
+        "e0s": fitted,
         "avg_num_neighbors": edges / max(atoms_total, 1),
+        "r_max": float(r_max),
         "shift": shift,
+        "mean_energy_per_atom": float(np.mean([e / n for _, e, n in rows])) if rows else None,
         "scale": scale if scale > 0 else 1.0,
         "labels": {t: c for t, c in labels.items() if c > 0},
-        "num_train": len(train),
+        "num_structures": len(train),
+        "num_atoms": atoms_total,
     }
 
 
-def fit_e0s(spec: Any, elements: List[str], rows: Sequence[Tuple[np.ndarray, float, int]]) -> Dict[str, float]:
+def fit_e0s(spec: Any, elements: List[str], rows: Sequence[Tuple[np.ndarray, float, int]]) -> Optional[Dict[str, float]]:
     """Isolated-atom energies {symbol: eV}: given ({symbol: eV}), "average" (mean energy per
-    atom) or "least_squares" over `rows` = (atomic numbers, energy eV, atoms) per structure."""
+    atom) or "least_squares" over `rows` = (atomic numbers, energy eV, atoms) per structure;
+    None when there are no energies to fit."""
     if isinstance(spec, Mapping):
         missing = [s for s in elements if s not in spec]
         if missing:
             raise ConfigError(f"invalid value for 'model.e0s': no E0 for {missing}, present in the training data")
         return {s: float(spec[s]) for s in elements}
     if not rows:
-        warnings.warn("no energy labels in the training data: E0s set to 0", UserWarning, stacklevel=2)
-        return {s: 0.0 for s in elements}
+        return None
     index = {_z(s): k for k, s in enumerate(elements)}
     counts = np.zeros((len(rows), len(elements)))
     energies = np.array([e for _, e, _ in rows])

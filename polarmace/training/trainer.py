@@ -171,7 +171,11 @@ class _Run:
             tcfg, changes = resume_training_section(self.cfg["training"], model_cfg.get("training") or {})
             model_cfg["training"] = copy.deepcopy(tcfg)
             return model_cfg, stats, changes
-        stats = compute_statistics(self.data.train, self.conf.model)
+        m = self.conf.model
+        stats = compute_statistics(self.data.train, m.r_max, elements=m.elements, e0s=m.e0s)
+        if stats["e0s"] is None:
+            warnings.warn("no energy labels in the training data: E0s set to 0", UserWarning, stacklevel=2)
+            stats["e0s"] = {s: 0.0 for s in stats["elements"]}
         model_cfg = copy.deepcopy(self.cfg)
         model_cfg["model"]["elements"] = stats["elements"]
         model_cfg["model"]["e0s"] = stats["e0s"]
