@@ -173,6 +173,7 @@ class PolarMACE(torch.nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, graph: Dict[str, torch.Tensor], compute_forces: bool = True,
                 compute_stress: bool = False, compute_bec: bool = False) -> Dict[str, torch.Tensor]:
+        # graph keys as literals (those of polarmace.data.keys): TorchScript reads no module-level strings
         positions = graph["positions"]
         cell = graph["cell"]
         batch = graph["batch"]

@@ -23,6 +23,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from polarmace.data.keys import (ATOMIC_NUMBERS, BATCH, BEC, CELL, DIPOLE, ENERGY, FORCES, NUM_ATOMS, PBC, POSITIONS,
+                                 PTR, STRESS, VIRIALS)
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polarmace-eval", description=__doc__.split("\n")[0])
@@ -109,13 +112,13 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
         graph = collate(configs, r_max)
         graph = to_device(graph, torch.device(device), dtype)
         pred = model(dict(graph), compute_forces=True,
-                     compute_stress=bool(graph["pbc"].any()) or "stress" in graph or "virials" in graph,
+                     compute_stress=bool(graph[PBC].any()) or STRESS in graph or VIRIALS in graph,
                      compute_bec="bec" in graph)
         pred = fill_derived({k: v.detach() for k, v in pred.items() if isinstance(v, torch.Tensor)}, graph)
         acc.update(pred, graph)
-        ptr = graph["ptr"].cpu().numpy()
+        ptr = graph[PTR].cpu().numpy()
         n_struct = len(ptr) - 1
-        nat = graph["num_atoms"].cpu().numpy().astype(float)
+        nat = graph[NUM_ATOMS].cpu().numpy().astype(float)
 
         def add(name, ref, prd, mask):
             m = mask.detach().cpu().numpy() > 0
@@ -126,35 +129,35 @@ def evaluate_file(model, data_path: str, batch_size: int = 8, device: str = "cpu
         def mask_of(key, per_atom=False):
             return structure_mask(graph, key, graph[key].shape[0], per_atom=per_atom)
 
-        if "energy" in graph and "energy" in pred:
-            add("energy", graph["energy"].cpu().numpy() / nat, pred["energy"].cpu().numpy() / nat, mask_of("energy"))
-        if "forces" in graph and "forces" in pred:
-            add("forces", graph["forces"].cpu().numpy(), pred["forces"].cpu().numpy(), mask_of("forces", True))
-        if "stress" in graph and "stress" in pred:
-            add("stress", graph["stress"].cpu().numpy(), pred["stress"].cpu().numpy(), mask_of("stress"))
-        if "dipole" in graph and "dipole" in pred:
-            add("dipole", graph["dipole"].cpu().numpy(), pred["dipole"].cpu().numpy(), mask_of("dipole"))
-        if "bec" in graph and "bec" in pred:
-            s = bec_signs(pred["bec"], graph["bec"], graph["batch"], n_struct)
-            fixed = s[graph["batch"]][:, None, None] * pred["bec"]
-            add("bec", graph["bec"].cpu().numpy(), fixed.cpu().numpy(), mask_of("bec", True))
+        if ENERGY in graph and "energy" in pred:
+            add("energy", graph[ENERGY].cpu().numpy() / nat, pred["energy"].cpu().numpy() / nat, mask_of("energy"))
+        if FORCES in graph and "forces" in pred:
+            add("forces", graph[FORCES].cpu().numpy(), pred["forces"].cpu().numpy(), mask_of("forces", True))
+        if STRESS in graph and "stress" in pred:
+            add("stress", graph[STRESS].cpu().numpy(), pred["stress"].cpu().numpy(), mask_of("stress"))
+        if DIPOLE in graph and "dipole" in pred:
+            add("dipole", graph[DIPOLE].cpu().numpy(), pred["dipole"].cpu().numpy(), mask_of("dipole"))
+        if BEC in graph and "bec" in pred:
+            s = bec_signs(pred["bec"], graph[BEC], graph[BATCH], n_struct)
+            fixed = s[graph[BATCH]][:, None, None] * pred["bec"]
+            add("bec", graph[BEC].cpu().numpy(), fixed.cpu().numpy(), mask_of("bec", True))
         per_atom = {k: _split(pred[k], ptr) for k in ("forces", "charges", "bec") if k in pred}
         ref_atom = {k: _split(graph[k], ptr) for k in ("forces", "bec") if k in graph}
         for b in range(n_struct):
             rec = {
-                "numbers": graph["atomic_numbers"][ptr[b]:ptr[b + 1]].cpu().numpy(),
-                "positions": graph["positions"][ptr[b]:ptr[b + 1]].detach().cpu().numpy(),
-                "cell": graph["cell"][b].cpu().numpy(), "pbc": graph["pbc"][b].cpu().numpy(),
+                "numbers": graph[ATOMIC_NUMBERS][ptr[b]:ptr[b + 1]].cpu().numpy(),
+                "positions": graph[POSITIONS][ptr[b]:ptr[b + 1]].detach().cpu().numpy(),
+                "cell": graph[CELL][b].cpu().numpy(), "pbc": graph[PBC][b].cpu().numpy(),
                 "energy": float(pred["energy"][b]),
-                "stress": pred["stress"][b].cpu().numpy() if "stress" in pred and bool(graph["pbc"][b].all()) else None,
+                "stress": pred["stress"][b].cpu().numpy() if "stress" in pred and bool(graph[PBC][b].all()) else None,
                 "dipole": pred["dipole"][b].cpu().numpy() if "dipole" in pred else None,
                 "atoms": {k: v[b] for k, v in per_atom.items()},
                 "ref": {k: v[b] for k, v in ref_atom.items()},
                 "total_charge": configs[b].total_charge,
                 "total_charge_key": configs[b].total_charge_key,
             }
-            if "energy" in graph and float(mask_of("energy")[b]) > 0:
-                rec["ref"]["energy"] = float(graph["energy"][b])
+            if ENERGY in graph and float(mask_of("energy")[b]) > 0:
+                rec["ref"]["energy"] = float(graph[ENERGY][b])
             records.append(rec)
     arrays = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in parity.items()}
     return acc.compute(), records, arrays

@@ -1,12 +1,5 @@
-"""Batches of structures as graph dicts (the model's input) and the batch sampler.
-
-The graph dict maps the key constants below to tensors:
-positions [N,3], atomic_numbers [N], batch [N], ptr [B+1], cell [B,3,3], pbc [B,3],
-edge_index [2,E] (row 0 centre i, row 1 neighbour j), shifts [E,3] (vector = r_j − r_i +
-shifts @ cell[batch[i]]), total_charge [B], external_field [B,3], num_atoms [B], weight [B],
-and, for each label that at least one structure of the batch carries, the label and its float
-mask (energy/stress/virials/dipole: [B]; forces/bec: [N]); entries without the label are zero.
-"""
+"""Batches of structures as graph dicts (the model's input; keys and shapes in
+:mod:`polarmace.data.keys`) and the batch sampler."""
 
 from __future__ import annotations
 
@@ -17,6 +10,9 @@ import torch
 import torch.utils.data
 
 from ..neighbours import neighbour_pairs
+from .keys import (ATOMIC_NUMBERS, BATCH, BEC, BEC_MASK, CELL, DIPOLE, DIPOLE_MASK, EDGE_INDEX, ENERGY,
+                   ENERGY_MASK, EXTERNAL_FIELD, FORCES, FORCES_MASK, LABELS, NUM_ATOMS, PBC, POSITIONS, PTR,
+                   SHIFTS, STRESS, STRESS_MASK, TOTAL_CHARGE, VIRIALS, VIRIALS_MASK, WEIGHT, mask_key)
 from .schema import LABEL_NAMES, PER_ATOM_LABELS, Configuration, stack_label
 
 __all__ = [
@@ -26,43 +22,8 @@ __all__ = [
     "LABELS", "PER_ATOM_LABELS", "mask_key", "collate", "BatchSampler",
 ]
 
-POSITIONS = "positions"
-ATOMIC_NUMBERS = "atomic_numbers"
-BATCH = "batch"
-PTR = "ptr"
-CELL = "cell"
-PBC = "pbc"
-EDGE_INDEX = "edge_index"
-SHIFTS = "shifts"
-TOTAL_CHARGE = "total_charge"
-EXTERNAL_FIELD = "external_field"
-NUM_ATOMS = "num_atoms"
-WEIGHT = "weight"
-
-ENERGY = "energy"
-FORCES = "forces"
-STRESS = "stress"
-VIRIALS = "virials"
-DIPOLE = "dipole"
-BEC = "bec"
-
-#: Every label key, in the order of LABEL_NAMES.
-LABELS = (ENERGY, FORCES, STRESS, VIRIALS, DIPOLE, BEC)
 assert LABELS == LABEL_NAMES
 # PER_ATOM_LABELS (forces, bec; from .schema): masks [N]; the other labels have masks [B].
-
-
-def mask_key(label: str) -> str:
-    """The key of a label's mask: mask_key("energy") == "energy_mask"."""
-    return f"{label}_mask"
-
-
-ENERGY_MASK = mask_key(ENERGY)
-FORCES_MASK = mask_key(FORCES)
-STRESS_MASK = mask_key(STRESS)
-VIRIALS_MASK = mask_key(VIRIALS)
-DIPOLE_MASK = mask_key(DIPOLE)
-BEC_MASK = mask_key(BEC)
 
 
 def collate(configurations: Sequence[Configuration], cutoff: float, dtype: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:

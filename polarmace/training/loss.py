@@ -22,13 +22,15 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
+from polarmace.data.keys import BATCH, CELL, LABELS, NUM_ATOMS, POSITIONS, WEIGHT, mask_key
+
 log = logging.getLogger("polarmace.training")
 
 #: loss terms in a fixed order (the order of the per-term log columns)
 TERMS: Tuple[str, ...] = ("energy", "forces", "stress", "virials", "dipole", "bec")
 
-#: label key in the graph dict for each term (polarmace.data.graph); masks are f"{key}_mask"
-LABEL_KEYS: Dict[str, str] = {t: t for t in TERMS}
+#: label key in the graph dict for each term (polarmace.data.keys); masks are mask_key(key)
+LABEL_KEYS: Dict[str, str] = dict(zip(TERMS, LABELS))
 
 
 
@@ -36,25 +38,25 @@ def structure_mask(graph: Mapping[str, torch.Tensor], key: str, size: int,
                    per_atom: bool = False) -> torch.Tensor:
     """The float mask of label `key`: ones when the label has no mask, [B] → [N] when per_atom."""
     ref = graph[key]
-    mask = graph.get(f"{key}_mask")
+    mask = graph.get(mask_key(key))
     if mask is None:
         mask = torch.ones(size, dtype=ref.dtype, device=ref.device)
     mask = mask.to(ref.dtype)
     if per_atom and mask.shape[0] != size:  # a per-structure mask of a per-atom label
-        mask = mask[graph["batch"]]
+        mask = mask[graph[BATCH]]
     return mask
 
 
 def config_weight(graph: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Per-structure weight [B] (ones when the data has none)."""
-    w = graph.get("weight")
+    w = graph.get(WEIGHT)
     if w is None:
-        return torch.ones(graph["num_atoms"].shape[0], dtype=like.dtype, device=like.device)
+        return torch.ones(graph[NUM_ATOMS].shape[0], dtype=like.dtype, device=like.device)
     return w.to(like.dtype)
 
 
 def cell_volume(graph: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.det(graph["cell"]).abs()
+    return torch.linalg.det(graph[CELL]).abs()
 
 
 def fill_derived(pred: Dict[str, torch.Tensor], graph: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -86,10 +88,10 @@ def _errors(term: str, pred: Mapping[str, torch.Tensor], graph: Mapping[str, tor
     error is already averaged over the components (3 for vectors, 9 for tensors).
     """
     ref = graph[LABEL_KEYS[term]]
-    num_atoms = graph["num_atoms"].to(ref.dtype)
-    n_struct = graph["num_atoms"].shape[0]
+    num_atoms = graph[NUM_ATOMS].to(ref.dtype)
+    n_struct = graph[NUM_ATOMS].shape[0]
     weight = config_weight(graph, ref)
-    batch = graph["batch"]
+    batch = graph[BATCH]
     p = pred[term]
     if term == "energy":
         err = ((p - ref) / num_atoms) ** 2
@@ -191,9 +193,9 @@ class WeightedLoss(torch.nn.Module):
     # ----------------------------------------------------------------------------- loss
     def counts(self, graph: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Denominators Σ m per term [len(TERMS)] (0 for inactive terms); all-reduce these in DDP."""
-        ref = graph["positions"]
+        ref = graph[POSITIONS]
         out = torch.zeros(len(TERMS), dtype=ref.dtype, device=ref.device)
-        n_struct = graph["num_atoms"].shape[0]
+        n_struct = graph[NUM_ATOMS].shape[0]
         for k, t in enumerate(TERMS):
             if self.weights[t] <= 0 or LABEL_KEYS[t] not in graph:
                 continue
@@ -211,7 +213,7 @@ class WeightedLoss(torch.nn.Module):
         pred = fill_derived(dict(pred), graph)
         if counts is None:
             counts = self.counts(graph)
-        total = graph["positions"].new_zeros(())
+        total = graph[POSITIONS].new_zeros(())
         terms: Dict[str, torch.Tensor] = {}
         for k, t in enumerate(TERMS):
             w = self.weights[t]

@@ -17,6 +17,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from polarmace.data.keys import BATCH, NUM_ATOMS
+
 from .loss import bec_signs, config_weight, fill_derived, structure_mask  # noqa: F401
 
 #: (term, short name, scale to the reported unit)
@@ -36,8 +38,8 @@ def errors(term: str, pred: Mapping[str, torch.Tensor], graph: Mapping[str, torc
     """(per-component errors [rows, k], references [rows, k], row mask [rows]) for one term."""
     ref = graph[term].detach()
     p = pred[term].detach().to(ref.dtype)
-    n_struct = graph["num_atoms"].shape[0]
-    num_atoms = graph["num_atoms"].to(ref.dtype)
+    n_struct = graph[NUM_ATOMS].shape[0]
+    num_atoms = graph[NUM_ATOMS].to(ref.dtype)
     if term == "energy":
         return ((p - ref) / num_atoms)[:, None], (ref / num_atoms)[:, None], structure_mask(graph, term, n_struct)
     if term == "forces":
@@ -50,8 +52,8 @@ def errors(term: str, pred: Mapping[str, torch.Tensor], graph: Mapping[str, torc
     if term == "dipole":
         return (p - ref) / num_atoms[:, None], ref / num_atoms[:, None], structure_mask(graph, term, n_struct)
     if term == "bec":
-        s = bec_signs(p, ref, graph["batch"], n_struct)
-        return (s[graph["batch"]][:, None, None] * p - ref).flatten(1), ref.flatten(1), \
+        s = bec_signs(p, ref, graph[BATCH], n_struct)
+        return (s[graph[BATCH]][:, None, None] * p - ref).flatten(1), ref.flatten(1), \
             structure_mask(graph, term, ref.shape[0], per_atom=True)
     raise KeyError(term)
 
