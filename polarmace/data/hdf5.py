@@ -37,7 +37,6 @@ from .schema import (
     stack_label,
     validate_configuration,
 )
-from .statistics import compute_statistics
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "write_dataset", "HDF5Dataset"]
 
@@ -80,6 +79,8 @@ def write_dataset(path: Union[str, Path], configurations: Sequence[Configuration
         raise DataError(f"{path}: no structures to write")
     for i, c in enumerate(configurations):
         validate_configuration(c, f"structure {i}", min_distance=None)
+    from .statistics import compute_statistics  # the writer only: reading a set needs the schema alone
+
     stats = compute_statistics(configurations, float(r_max), elements=elements, elements_key="elements") \
         if r_max is not None else {}
     present = sorted({int(z) for c in configurations for z in np.unique(c.atomic_numbers)})
