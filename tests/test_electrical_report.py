@@ -103,3 +103,33 @@ def test_a_les_run_logs_and_writes_its_learned_charges(tmp_path):
     assert summary["bec_structures"] > 0 and np.isfinite(summary["bec_r2"])
     assert abs(summary["elements"]["Na"]["bec_iso_mean_ref"] - 1.0) < 1e-9
     assert "learned electrostatics" in (tmp_path / "run" / "train.log").read_text()
+
+
+class PolarizableIonModel(RigidIonModel):
+    """Rigid ions with a known polarizability per element, in the model's units (e·Å²/V)."""
+
+    def __init__(self, charges, alphas_A3, anisotropic=False):
+        super().__init__(charges, 1.0)
+        from polarmace.units import COULOMB
+        self.alpha_table = torch.zeros(119, dtype=torch.float64)
+        for z, a in alphas_A3.items():
+            self.alpha_table[z] = a / COULOMB
+        self.anisotropic = anisotropic
+
+    def forward(self, graph, compute_forces=True, compute_bec=False):
+        out = super().forward(graph, compute_forces, compute_bec)
+        a = self.alpha_table[graph["atomic_numbers"]]
+        out["alpha"] = a[:, None, None] * torch.eye(3, dtype=a.dtype) if self.anisotropic else a
+        return out
+
+
+def test_learned_polarizability_per_element_in_cubic_angstrom():
+    for anisotropic in (False, True):
+        model = PolarizableIonModel({11: 0.9, 17: -0.9}, {11: 0.3, 17: 3.0}, anisotropic)
+        s = electrical_summary(model, _frames(4))
+        assert abs(s["elements"]["Na"]["alpha_iso_mean"] - 0.3) < 1e-12
+        assert abs(s["elements"]["Cl"]["alpha_iso_mean"] - 3.0) < 1e-12
+        text = format_electrical(s)
+        assert "alpha (Å³)" in text and "3.000" in text
+    # a model without induced dipoles has no alpha column
+    assert "alpha" not in format_electrical(electrical_summary(RigidIonModel({11: 1.0, 17: -1.0}, 1.0), _frames(2)))

@@ -23,13 +23,14 @@ import torch
 from ase.data import chemical_symbols
 
 from polarmace.data.graph import collate
+from polarmace.units import COULOMB
 
 
 def _predict(model: torch.nn.Module, configurations: Sequence, batch_size: int,
              with_bec: bool) -> Dict[str, List[np.ndarray]]:
     dtype = next(model.parameters()).dtype
     r_max = float(model.r_max)
-    out: Dict[str, List[np.ndarray]] = {"charges": [], "bec": []}
+    out: Dict[str, List[np.ndarray]] = {"charges": [], "bec": [], "alpha": []}
     model.eval()
     for start in range(0, len(configurations), batch_size):
         chunk = list(configurations[start:start + batch_size])
@@ -37,9 +38,17 @@ def _predict(model: torch.nn.Module, configurations: Sequence, batch_size: int,
         with torch.enable_grad():
             pred = model(graph, compute_forces=False, compute_bec=with_bec)
         out["charges"].append(pred["charges"].detach().cpu().numpy())
+        if "alpha" in pred:
+            out["alpha"].append(isotropic_polarizability(pred["alpha"]).detach().cpu().numpy())
         if with_bec:
             out["bec"].append(pred["bec"].detach().cpu().numpy())
     return out
+
+
+def isotropic_polarizability(alpha: torch.Tensor) -> torch.Tensor:
+    """tr(α)/3 in Å³ [N] from the model's α ([N] or [N,3,3], e·Å²/V)."""
+    iso = alpha if alpha.dim() == 1 else torch.diagonal(alpha, dim1=1, dim2=2).sum(-1) / 3.0
+    return iso * COULOMB
 
 
 def r_squared(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -54,7 +63,8 @@ def electrical_summary(model: torch.nn.Module, configurations: Sequence,
     """Learned charges per element and BEC agreement on (at most `max_structures` of) a set.
 
     Returns None for a model without charges. Keys: `elements` {symbol: {charge_mean,
-    charge_std, bec_iso_mean_ref (if BEC), bec_iso_mean_pred (if BEC)}} with charges in e after
+    charge_std, alpha_iso_mean (Å³, models with induced dipoles), bec_iso_mean_ref (if BEC),
+    bec_iso_mean_pred (if BEC)}} with charges in e after
     the global `sign`; `bec_r2`, `bec_mae` (e) and `bec_structures` when references exist.
     """
     if not getattr(model, "use_charges", False):
@@ -66,6 +76,7 @@ def electrical_summary(model: torch.nn.Module, configurations: Sequence,
     pred = _predict(model, confs, batch_size, with_bec=False)
     numbers = np.concatenate([c.atomic_numbers for c in confs])
     charges = np.concatenate(pred["charges"])
+    alpha = np.concatenate(pred["alpha"]) if pred["alpha"] else None
     summary: Dict[str, Any] = {"structures": len(confs), "elements": {}}
     sign = 1.0
     if with_ref:
@@ -83,6 +94,8 @@ def electrical_summary(model: torch.nn.Module, configurations: Sequence,
         sel = numbers == z
         row: Dict[str, float] = {"charge_mean": float(sign * charges[sel].mean()),
                                  "charge_std": float(charges[sel].std())}
+        if alpha is not None:
+            row["alpha_iso_mean"] = float(alpha[sel].mean())
         if with_ref:
             rsel = ref_numbers == z
             if rsel.any():
@@ -98,11 +111,16 @@ def format_electrical(summary: Mapping[str, Any], title: str = "learned electros
              f"{'+' if summary['sign'] > 0 else '−'}, fixed once for the set)"]
     head = f"  {'element':<8} {'mean q (e)':>11} {'std q':>7}"
     has_bec = "bec_r2" in summary
+    has_alpha = any("alpha_iso_mean" in row for row in summary["elements"].values())
+    if has_alpha:
+        head += f" {'alpha (Å³)':>11}"
     if has_bec:
         head += f" {'iso BEC model':>14} {'iso BEC ref':>12}"
     lines.append(head)
     for sym, row in summary["elements"].items():
         line = f"  {sym:<8} {row['charge_mean']:>+11.3f} {row['charge_std']:>7.3f}"
+        if has_alpha:
+            line += f" {row['alpha_iso_mean']:>11.3f}"
         if "bec_iso_mean_ref" in row:
             line += f" {row['bec_iso_mean_pred']:>+14.3f} {row['bec_iso_mean_ref']:>+12.3f}"
         lines.append(line)
