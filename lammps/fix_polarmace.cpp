@@ -161,6 +161,8 @@ class FixPolarMACE : public Fix {
   void pre_force(int) override;
   void setup_pre_reverse(int, int) override;
   void pre_reverse(int, int) override;
+  void min_pre_force(int vflag) override { pre_force(vflag); }
+  void min_pre_reverse(int eflag, int vflag) override { pre_reverse(eflag, vflag); }
   double compute_scalar() override;
   void post_run() override;
   int pack_forward_comm(int, int *, double *, int, int *) override;
@@ -295,7 +297,8 @@ FixPolarMACE::~FixPolarMACE()
 
 int FixPolarMACE::setmask()
 {
-  return PRE_FORCE | PRE_REVERSE;
+  // the same two hooks in MD and in energy minimisation
+  return PRE_FORCE | PRE_REVERSE | MIN_PRE_FORCE | MIN_PRE_REVERSE;
 }
 
 void FixPolarMACE::post_constructor()

@@ -315,6 +315,36 @@ def test_two_layer_model_on_two_ranks_matches_calculator(plugin, trained, tmp_pa
     assert "comm_modify cutoff must be at least" in proc.stdout
 
 
+def test_minimize_on_two_ranks(plugin, exported, trained, tmp_path):
+    """Conjugate-gradient minimisation on 2 ranks: it stops on the force tolerance (a line search
+    that failed would mean forces that are not the energy's gradient), and the final structure's
+    energy and forces equal the calculator's there."""
+    from polarmace.calculator import PolarMACECalculator
+    from polarmace.deploy.lammps import input_script, read_dump, run_lammps, write_data
+
+    atoms = _frame(0)
+    write_data(atoms, tmp_path / "data.lmp", ELEMENTS)
+    acc = 1e-6
+    script = input_script(plugin, exported, "data.lmp", ELEMENTS, cut_coul=8.0, accuracy=acc, steps=0)
+    script = script.replace("run 0\n", "min_style cg\nminimize 0.0 1e-3 300 3000\n"
+                            "write_dump all custom final.dump id type x y z fx fy fz q modify sort id "
+                            "format float %.16g\n")
+    proc = run_lammps(script, tmp_path, 2)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Stopping criterion = force tolerance" in proc.stdout
+    energies = re.search(r"Energy initial, next-to-last, final =\s+(\S+)\s+(\S+)\s+(\S+)", proc.stdout)
+    e_first, e_final = float(energies.group(1)), float(energies.group(3))
+    assert e_final < e_first
+    frame = read_dump(tmp_path / "final.dump")[0]
+    final = atoms.copy()
+    final.positions = np.stack([frame["x"], frame["y"], frame["z"]], axis=1)
+    final.wrap()
+    final.calc = PolarMACECalculator(_reference_model(trained))
+    print(f"minimised {e_first:.6f} -> {e_final:.6f} eV; calculator there {final.get_potential_energy():.6f} eV")
+    assert abs(final.get_potential_energy() - e_final) < 10 * acc * abs(_ewald(final, frame["q"], 0.0))
+    assert np.abs(final.get_forces() - _forces(frame)).max() < 10 * _pppm_force_accuracy(proc.stdout)
+
+
 @pytest.mark.slow
 def test_nve_energy_drift(plugin, exported, tmp_path):
     """NVE, 0.5 fs, 400 steps of a 1200 K melt on 2 ranks: the total energy stays within a
