@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     for line in summary["lines"]:
         print(line)
     if args.json:
-        args.json.write_text(json.dumps({"command": "python " + " ".join([Path(__file__).name] + list(argv or sys.argv[1:])),
+        args.json.write_text(json.dumps({"command": " ".join(["python", "benchmarks/training_throughput.py"] + list(argv or sys.argv[1:])),
                                          "rows": rows, "summary": summary["ratios"]}, indent=1))
     return 0
 
