@@ -62,7 +62,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from polarmace.reference.amoeba_water import ANGSTROM_PER_NM, KJ_PER_MOL_IN_EV
+from polarmace.reference.amoeba_constants import ANGSTROM_PER_NM, KJ_PER_MOL_IN_EV
 from polarmace.units import COULOMB
 
 __all__ = ["IonModel", "RIGID", "DRUDE", "MeltPlan", "IonEngine", "IonSampler", "build_system",
