@@ -13,7 +13,8 @@ the project's evaluation (`polarmace.cli.eval.evaluate_file`) plus the electrica
   dipole MAE (e·Å, vector components per structure), raw and with s   test set with dipoles
   polarizability MAE (Å³): α = k_e ∂P/∂E_ext (autograd, the           test set with
     definition of the references) for the response variants            `polarizability`
-    (uiq, uiu, uQiqiu); "Σα" = the model output `polarizability` = k_e Σ_i α_i (uiu, uQiqiu)
+    (uiq, uiu, uQiqiu; open test sets only); "Σα" = the model output `polarizability` =
+    k_e Σ_i α_i (uiu, uQiqiu)
 
 The sign: for neutral structures the energy is even in the latent charges, so their sign is
 arbitrary; with a net charge Q the flip that keeps Q is only weakly fixed by training. The flip
@@ -185,7 +186,8 @@ def reference_polarizabilities(path: Path, key: str = "polarizability") -> Optio
 
 
 def field_polarizability(model, configs: Sequence, batch_size: int) -> np.ndarray:
-    """α = k_e ∂P/∂E_ext per structure [B,3,3] in Å³ by autograd through the model."""
+    """α = k_e ∂P/∂E_ext per structure [B,3,3] in Å³ by autograd through the model (open
+    structures: the engine ignores an external field in periodic cells)."""
     import torch
 
     from polarmace.electrostatics.observables import field_response
@@ -309,7 +311,11 @@ def evaluate_variant(model_path: Path, test_path: Path, cfg: Mapping[str, Any], 
     alpha_ref = reference_polarizabilities(test_path)
     lr = cfg["long_range"]
     responds = bool(lr.get("induced_charges") or lr.get("induced_dipoles"))
-    alpha_field = field_polarizability(model, refs, batch_size) if (alpha_ref is not None and responds) else None
+    # the engine applies a uniform external field to open structures only (a periodic cell
+    # in a field needs the Berry-phase coupling), so ∂P/∂E_ext is measured on open sets only
+    open_set = all(not np.any(c.pbc) for c in refs)
+    alpha_field = (field_polarizability(model, refs, batch_size)
+                   if (alpha_ref is not None and responds and open_set) else None)
     alpha_sum = None
     if alpha_ref is not None and lr.get("induced_dipoles"):
         alpha_sum = model_polarizability_output(model, refs, batch_size)
