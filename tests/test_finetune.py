@@ -153,3 +153,32 @@ def test_freeze_then_train(tmp_path: Path) -> None:
     assert any(not torch.equal(snaps[1][k], ref[k]) for k in trunk_keys)
     head = [k for k in snaps[0] if k.startswith("charge_readout.") and "weight" in k]
     assert head
+
+
+def test_trainer_reads_init_from(tmp_path: Path) -> None:
+    """The config alone (what polarmace-train reads): trunk, statistics and freeze from
+    model.init_from; the final model file records the file's trunk; a resumed run keeps the file's
+    trunk without reading the file again."""
+    from polarmace.model import PolarMACE
+    from polarmace.training.trainer import train
+
+    data = _data(tmp_path / "d.xyz")
+    src = _source(tmp_path)
+    ref = {k: v.clone() for k, v in PolarMACE.load(str(src)).state_dict().items() if k.startswith("trunk.")}
+    snaps: list = []
+
+    def callback(event, state):
+        if event == "epoch_end":
+            snaps.append({k: v.detach().clone() for k, v in state["model"].state_dict().items()})
+
+    cfg = _config(data, src, tmp_path / "run", epochs=1, freeze=1)
+    train(cfg, callbacks=[callback])
+    assert all(torch.equal(snaps[0][k], ref[k]) for k in ref if "weight" in k)
+    final = PolarMACE.load(str(tmp_path / "run" / "ft.model"))
+    assert final.config["model"]["hidden_irreps"] == "4x0e+4x1o"
+    assert final.config["model"]["residual_first_block"] is True
+    # resume for one more epoch (past the frozen one): the trunk trains now
+    src.unlink()
+    cfg["training"]["epochs"] = 2
+    train(cfg, resume=True, callbacks=[callback])
+    assert any(not torch.equal(snaps[-1][k], ref[k]) for k in ref if "weight" in k)

@@ -28,6 +28,7 @@ import torch
 from polarmace.config import Config, ConfigError, OutputConfig, load_config
 from polarmace.data.batching import num_atoms_of
 from polarmace.data.statistics import compute_statistics
+from polarmace.finetune import initial_model
 
 from . import distributed as ddp
 from . import reporting
@@ -186,7 +187,9 @@ class _Run:
     def _build(self, factory: Callable) -> Tuple[TrainState, WeightedLoss]:
         """The model (on every rank the same weights), loss, optimizer, scheduler and EMA."""
         tc, info = self.tc, self.info
-        model = factory(copy.deepcopy(self.model_cfg), statistics=copy.deepcopy(self.stats)).to(self.device)
+        # model.init_from / freeze_trunk_epochs (polarmace.finetune); otherwise factory(config, statistics=...)
+        model, self.callbacks = initial_model(factory, self.model_cfg, self.stats, self.run_dir, self.callbacks,
+                                              self.device)
         ddp.broadcast_parameters(model, info)
         loss_fn = WeightedLoss(stage_weights(tc, 1))
         with warnings.catch_warnings():
