@@ -79,11 +79,12 @@ def load_initial_weights(model: torch.nn.Module, source: Mapping[str, Any], path
                          statistics: bool = True) -> List[str]:
     """Copy the file's weights into `model`: every trunk entry (a mismatch is an error naming it)
     and every other entry whose name and shape match; E0s/scale/shift only with `statistics`.
-    Returns the names of the non-trunk entries that were loaded."""
+    Returns the names of the non-trunk parameters that were loaded."""
     from polarmace.config import ConfigError
 
     src: Mapping[str, torch.Tensor] = source["state_dict"]
     own = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}
     loaded: List[str] = []
     with torch.no_grad():
         for name, target in own.items():
@@ -100,7 +101,8 @@ def load_initial_weights(model: torch.nn.Module, source: Mapping[str, Any], path
                     target.copy_(src[name].to(target.dtype))
             elif name in src and tuple(src[name].shape) == tuple(target.shape):
                 target.copy_(src[name].to(target.dtype))
-                loaded.append(name)
+                if name in params:  # (constant buffers such as element tables are not worth a mention)
+                    loaded.append(name)
     return loaded
 
 
