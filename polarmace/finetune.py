@@ -175,6 +175,10 @@ def initial_model(factory: Callable, model_cfg: MutableMapping[str, Any], stats:
         log.info("model.init_from %s: trunk %s, %d layer(s), elements %s; statistics from the %s%s", path,
                  m["hidden_irreps"], m["num_interactions"], " ".join(m["elements"]),
                  m.get("init_statistics", "model"), f"; also loaded {len(heads)} head entries" if heads else "")
+    own = getattr(model, "config", None)
+    if path and isinstance(own, dict) and isinstance(own.get("model"), dict):
+        # the model file stores no paths and no training settings: these keys only start a run
+        own["model"].update(init_from=None, freeze_trunk_epochs=0, init_statistics="model")
     if device is not None:
         model = model.to(device)
     out = tuple(callbacks)

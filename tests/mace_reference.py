@@ -44,7 +44,7 @@ def build(spec: dict):
         radial_MLP=list(spec.get("radial_MLP", [16, 16])), use_reduced_cg=bool(spec.get("use_reduced_cg", False)),
         heads=heads,
     )
-    for key in ("pair_repulsion", "distance_transform", "radial_type", "use_last_readout_only"):
+    for key in ("pair_repulsion", "distance_transform", "radial_type", "use_last_readout_only", "use_agnostic_product"):
         if key in spec:
             kwargs[key] = spec[key]
     if spec.get("model", "ScaleShiftMACE") == "ScaleShiftMACE":

@@ -177,6 +177,7 @@ def test_trainer_reads_init_from(tmp_path: Path) -> None:
     final = PolarMACE.load(str(tmp_path / "run" / "ft.model"))
     assert final.config["model"]["hidden_irreps"] == "4x0e+4x1o"
     assert final.config["model"]["residual_first_block"] is True
+    assert final.config["model"]["init_from"] is None  # no paths in a model file
     # resume for one more epoch (past the frozen one): the trunk trains now
     src.unlink()
     cfg["training"]["epochs"] = 2

@@ -79,6 +79,7 @@ DEFAULT = [
     _spec("l2_e2_n3_mace_reduced", 2, 2, 3, False, model="MACE", use_reduced_cg=True,
           hidden_irreps="8x0e+8x1o+8x2e"),
     _spec("l2_e1_n2_res_r3", 2, 1, 2, True, radial_MLP=[12], avg_num_neighbors=3.1, num_bessel=6),
+    _spec("l2_e2_n2_agnostic", 2, 2, 2, False, use_agnostic_product=True),
 ]
 GRID = [_spec(f"grid_l{L}_e{e}_n{n}_{'res' if r else 'plain'}", L, e, n, r)
         for L in (1, 2) for e in (1, 2, 3) for n in (1, 2, 3) for r in (False, True)]

@@ -27,7 +27,8 @@ What the mapping does (MACE → polarmace), all exact in float64:
 Supported: `MACE` and `ScaleShiftMACE`, non-residual or residual first block, residual later
 blocks, Bessel radial basis with the polynomial cutoff, SiLU, natural-parity hidden irreps of one
 multiplicity, any radial MLP, readout MLP width and number of layers (one layer: the linear
-readout), one head of a multi-head model (`head`), a subset of the elements (`elements`).
+readout), use_agnostic_product (one set of product weights for every element), one head of a
+multi-head model (`head`), a subset of the elements (`elements`).
 Everything else (ZBL pair repulsion, distance transforms, other radial bases, cuEquivariance /
 OpenEquivariance layouts, edge irreps, embedding specs, other interaction or readout blocks,
 per-layer correlations that differ, ...) is refused with an InputError naming it.
