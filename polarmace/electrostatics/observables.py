@@ -102,6 +102,11 @@ def born_effective_charges(positions: torch.Tensor, cell: torch.Tensor, pbc: tor
     return z
 
 
+def isotropic_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    """tr(α)/3 per atom [N] from α [N] (isotropic) or [N,3,3], in the units of α."""
+    return alpha if alpha.dim() == 1 else torch.diagonal(alpha, dim1=1, dim2=2).sum(-1) / 3.0
+
+
 def electronic_screening(eps_infty: float, alpha: Optional[torch.Tensor], cell: torch.Tensor,
                          pbc: torch.Tensor, batch: torch.Tensor,
                          epsilon0: float = EPSILON0) -> torch.Tensor:
@@ -110,7 +115,7 @@ def electronic_screening(eps_infty: float, alpha: Optional[torch.Tensor], cell: 
     eps = torch.full((b,), float(eps_infty), dtype=cell.dtype, device=cell.device)
     if alpha is None:
         return eps
-    trace = alpha if alpha.dim() == 1 else torch.diagonal(alpha, dim1=1, dim2=2).sum(-1) / 3.0
+    trace = isotropic_alpha(alpha)
     periodic = pbc.any(dim=1)
     volume = torch.where(periodic, torch.linalg.det(cell).abs(), torch.ones_like(eps))
     chi = torch.where(periodic, segment_sum(trace, batch, b) / (epsilon0 * volume),

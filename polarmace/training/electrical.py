@@ -23,6 +23,7 @@ import torch
 from ase.data import chemical_symbols
 
 from polarmace.data.graph import collate
+from polarmace.electrostatics.observables import isotropic_alpha
 from polarmace.units import COULOMB
 
 
@@ -39,16 +40,10 @@ def _predict(model: torch.nn.Module, configurations: Sequence, batch_size: int,
             pred = model(graph, compute_forces=False, compute_bec=with_bec)
         out["charges"].append(pred["charges"].detach().cpu().numpy())
         if "alpha" in pred:
-            out["alpha"].append(isotropic_polarizability(pred["alpha"]).detach().cpu().numpy())
+            out["alpha"].append((isotropic_alpha(pred["alpha"]) * COULOMB).detach().cpu().numpy())  # Å³
         if with_bec:
             out["bec"].append(pred["bec"].detach().cpu().numpy())
     return out
-
-
-def isotropic_polarizability(alpha: torch.Tensor) -> torch.Tensor:
-    """tr(α)/3 in Å³ [N] from the model's α ([N] or [N,3,3], e·Å²/V)."""
-    iso = alpha if alpha.dim() == 1 else torch.diagonal(alpha, dim1=1, dim2=2).sum(-1) / 3.0
-    return iso * COULOMB
 
 
 def r_squared(pred: np.ndarray, ref: np.ndarray) -> float:
