@@ -1,7 +1,19 @@
-"""Shared fixtures. Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+"""Shared fixtures. Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`.
+
+The tests mirror the package (tests/unit/<subpackage>/, tests/integration/) without __init__.py
+files, so every test module needs a distinct file name. The helpers shared across directories
+(toy_model, toy_data, repo_paths, cli_runner) live here in tests/, which is put on sys.path below.
+"""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 @pytest.fixture

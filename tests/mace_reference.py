@@ -1,4 +1,4 @@
-"""Run with the MACE environment's python (tests/test_mace_import.py does): build random mace-torch
+"""Run with the MACE environment's python (tests/unit/nn/test_mace_import.py does): build random mace-torch
 models from JSON specs, save them (.model), export them with scripts/export_mace_weights.py and
 evaluate energy, forces and stress with mace-torch itself on the structures of an extxyz file.
 

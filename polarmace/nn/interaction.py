@@ -10,7 +10,7 @@ where x = Linear_up(h), the paths are all (l1, l2) -> l3 with l3 in the target i
 R(r) = RadialMLP(Bessel · envelope) gives one weight per path and channel.
 
 Two exact reorganisations make it fast and light on memory (both are checked against e3nn's
-o3.TensorProduct in tests/test_nn.py):
+o3.TensorProduct in tests/unit/nn/test_nn.py):
 
 * First layer (FirstInteraction): x_j depends only on the sender's element and the last layer of
   the radial MLP is linear, so Σ_j R_l(r_ij)_c x_{z_j,c} Y_l(r̂_ij) =

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "benchmarks" / "results" / "quickstart" / "quickstart.model"
 DATA = ROOT / "configs" / "data" / "quickstart_nacl_melt.xyz"
 ELEMENTS = ["Na", "Cl"]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "data" / "quickstart_nacl.xyz"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,10 +24,8 @@ import pytest
 import torch
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from test_training import make_dataset, toy_config  # noqa: E402
+from repo_paths import ROOT, TESTS
+from toy_data import make_dataset, toy_config
 
 TOY = ["--model-factory", "toy_model:build_toy_model"]
 
@@ -169,8 +167,8 @@ def run_cases(cases: Sequence[dict], tmp: Path) -> List[dict]:
     spec = tmp / "cases.json"
     spec.write_text(json.dumps(cases))
     result = tmp / "results.json"
-    proc = subprocess.run([sys.executable, str(HERE / "cli_runner.py"), str(spec), str(result)],
-                          capture_output=True, text=True, timeout=600, cwd=str(HERE.parent))
+    proc = subprocess.run([sys.executable, str(TESTS / "cli_runner.py"), str(spec), str(result)],
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr
     return json.loads(result.read_text())
 

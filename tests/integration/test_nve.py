@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from typing import Any, Dict
 
 import pytest
 
 from polarmace.calculator import PolarMACECalculator
+from repo_paths import DATASETS, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "water_rpbe_d3"
+DATA = DATASETS / "water_rpbe_d3"
 TARGET = 1e-4  # eV/atom/ps, the bound
 
 

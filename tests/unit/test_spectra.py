@@ -5,7 +5,6 @@ end with a tiny model (CSV + PNG, experimental overlay)."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from ase.md.verlet import VelocityVerlet
 
 from polarmace import spectra
 from polarmace.units import SPEED_OF_LIGHT_CM_PER_FS
+from repo_paths import DATASETS
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 K_SPRING = 10.0   # eV/Å²
 D0 = 1.0          # Å
 Q = 0.7           # e

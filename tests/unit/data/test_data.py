@@ -1,7 +1,6 @@
 """Data: readers (extxyz, n2p2), validation errors, HDF5 round trip, batching, loaders, splits."""
 
 import pickle
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -26,6 +25,7 @@ from polarmace.data import (
     write_dataset,
 )
 from polarmace.data import graph as g
+from repo_paths import DATASETS, TESTS
 
 
 def make_loader(dataset, cutoff, batch_size, max_atoms_per_batch=None, shuffle=False, seed=0, num_workers=0,
@@ -40,9 +40,7 @@ def make_loader(dataset, cutoff, batch_size, max_atoms_per_batch=None, shuffle=F
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=functools.partial(collate, cutoff=float(cutoff), dtype=dtype))
 
-HERE = Path(__file__).resolve().parent
-FIXTURE = HERE / "data" / "labelled.extxyz"
-DATASETS = HERE.parent.parent / "shared" / "datasets"
+FIXTURE = TESTS / "data" / "labelled.extxyz"
 
 # hand conversion constants (CODATA 2018), independent of polarmace.units
 BOHR_IN_ANGSTROM = 0.529177210903

@@ -1,7 +1,6 @@
 """PolarMACE end-to-end: equivariance of every output for every variant, finite differences,
 locality, extensivity, TorchScript, save/load, and a tiny model overfitting real DFT data."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,12 @@ from e3nn import o3
 from polarmace.data.atoms import Configuration
 from polarmace.data.graph import collate
 from polarmace.model import PolarMACE, build_model
+from repo_paths import DATASETS
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 VARIANTS = ["sr", "les", "u", "uQ", "uiq", "uiu", "uQiqiu"]
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def tiny_config(variant="uQiqiu", anisotropic=True, **model):

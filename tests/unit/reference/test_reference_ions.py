@@ -7,7 +7,6 @@ come from the finite-difference truncation (O(h²)), the Ewald truncation (ewald
 1e-8) and the Drude relaxation tolerance (1e-9 eV/Å), not from the machine.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +16,11 @@ pytest.importorskip("openmm")
 
 from polarmace.reference import openmm_ions as oi  # noqa: E402
 from polarmace.units import COULOMB  # noqa: E402
+from repo_paths import ROOT  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart_nacl_melt.xyz"
+QUICKSTART = ROOT / "configs" / "data" / "quickstart_nacl_melt.xyz"
 
 
 def _geometry(temperature=1300.0, phase="melt", scale=1.0, noise=0.15, seed=0):

@@ -5,6 +5,7 @@ import torch
 
 from polarmace.data.atoms import Configuration
 from polarmace.training.electrical import electrical_summary, format_electrical, r_squared
+from repo_paths import ROOT
 
 
 class RigidIonModel(torch.nn.Module):
@@ -77,7 +78,6 @@ def test_r_squared_is_one_for_identity_and_zero_for_the_mean():
 def test_a_les_run_logs_and_writes_its_learned_charges(tmp_path):
     """End to end through polarmace-train on 12 frames of the shipped rigid-ion melt (which
     carries BEC = q·I): the run writes electrical.json and logs the per-element table."""
-    from pathlib import Path
 
     import ase.io
     import json
@@ -85,7 +85,7 @@ def test_a_les_run_logs_and_writes_its_learned_charges(tmp_path):
 
     from polarmace.cli import train as train_cli
 
-    melt = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart_nacl_melt.xyz"
+    melt = ROOT / "configs" / "data" / "quickstart_nacl_melt.xyz"
     frames = ase.io.read(melt, index=":12")
     data = tmp_path / "melt12.xyz"
     ase.io.write(data, frames)

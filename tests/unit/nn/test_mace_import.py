@@ -22,9 +22,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
+from repo_paths import ROOT, TESTS
 
-ROOT = Path(__file__).resolve().parents[1]
-HELPER = Path(__file__).resolve().parent / "mace_reference.py"
+HELPER = TESTS / "mace_reference.py"
 ELEMENTS = [1, 6, 8, 11, 17]
 
 

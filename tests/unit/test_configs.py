@@ -13,8 +13,9 @@ import pytest
 
 from polarmace import build_model
 from polarmace.config import load_config
+from repo_paths import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
 #: elements of each config's data (fallback: H and O)
 ELEMENTS = {"quickstart": ["Na", "Cl"], "nacl_xtb_cpu": ["Na", "Cl"], "nacl_clusters": ["Na", "Cl"],

@@ -1,4 +1,6 @@
-"""Training: loss, EMA, checkpoints, CLI train/eval, kill-and-resume bitwise, DDP gradients."""
+"""Training end to end: the trainer with missing labels, CLI train/eval, kill-and-resume bitwise,
+DDP gradients, the time budget, resumes and the run-directory lock. (The loss, EMA and
+checkpoint pieces on their own: tests/unit/training/test_loss_ema_checkpoint.py.)"""
 
 from __future__ import annotations
 
@@ -16,42 +18,11 @@ import pytest
 import torch
 import yaml
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-import toy_model  # noqa: E402
-
-from polarmace.training.checkpoint import CheckpointHandler  # noqa: E402
-from polarmace.training.ema import ExponentialMovingAverage  # noqa: E402
-from polarmace.training.loss import WeightedLoss  # noqa: E402
-from polarmace.training.metrics import MetricsAccumulator  # noqa: E402
-
-
-# ------------------------------------------------------------------------------------ data
-def make_dataset(path: Path, n: int = 20, seed: int = 0) -> Path:
-    """Rattled, strained 4-atom fcc Cu/Au cells labelled by ASE's EMT (energy, forces, stress)."""
-    import ase.io
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    for k in range(n):
-        a = bulk("Cu", "fcc", a=3.6, cubic=True)
-        if k % 2:
-            a.numbers[rng.integers(4)] = 79
-        a.set_cell(a.cell.array @ (np.eye(3) + 0.02 * rng.standard_normal((3, 3))), scale_atoms=True)
-        a.rattle(0.1, seed=k)
-        a.calc = EMT()
-        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=False)
-        a.calc = None
-        a.info["energy"] = e
-        a.arrays["forces"] = f
-        a.info["stress"] = s
-        frames.append(a)
-    ase.io.write(str(path), frames, format="extxyz")
-    return path
+import toy_model
+from polarmace.training.checkpoint import CheckpointHandler
+from polarmace.training.loss import WeightedLoss
+from repo_paths import ROOT, TESTS
+from toy_data import make_dataset, toy_config, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -59,76 +30,8 @@ def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "cu_au.xyz")
 
 
-def toy_config(data: Path, out: Path, **training) -> dict:
-    tr = {"epochs": 2, "lr": 0.01, "seed": 3, "ema_decay": 0.9, "scheduler": "plateau",
-          "loss_weights": {"energy": 1.0, "forces": 10.0, "stress": 1.0}}
-    tr.update(training)
-    return {"model": {"r_max": 4.0, "num_bessel": 6, "dtype": "float64"},
-            "data": {"train": str(data), "batch_size": 4, "valid_fraction": 0.2, "test_fraction": 0.1},
-            "training": tr,
-            "output": {"directory": str(out), "name": "toy", "plots": True}}
 
-
-def write_yaml(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-# ------------------------------------------------------------------------------------ loss
-def _graph(n_struct=2, n_atoms=3, labels=("energy", "forces", "bec")):
-    g = torch.Generator().manual_seed(0)
-    n = n_struct * n_atoms
-    graph = {"positions": torch.randn(n, 3, generator=g, dtype=torch.float64),
-             "batch": torch.arange(n_struct).repeat_interleave(n_atoms),
-             "num_atoms": torch.full((n_struct,), n_atoms), "cell": torch.eye(3, dtype=torch.float64).expand(n_struct, 3, 3)}
-    if "energy" in labels:
-        graph["energy"] = torch.randn(n_struct, generator=g, dtype=torch.float64)
-        graph["energy_mask"] = torch.ones(n_struct, dtype=torch.float64)
-    if "forces" in labels:
-        graph["forces"] = torch.randn(n, 3, generator=g, dtype=torch.float64)
-        graph["forces_mask"] = torch.ones(n, dtype=torch.float64)
-    if "bec" in labels:
-        graph["bec"] = torch.randn(n, 3, 3, generator=g, dtype=torch.float64)
-        graph["bec_mask"] = torch.ones(n, dtype=torch.float64)
-    return graph
-
-
-def test_bec_loss_and_metrics_fix_the_global_sign():
-    graph = _graph()
-    loss_fn = WeightedLoss({"energy": 0.0, "forces": 0.0, "bec": 1.0})
-    loss_fn.resolve(["energy", "forces", "bec"])
-    pred = {"bec": graph["bec"].clone()}
-    pred["bec"][graph["batch"] == 1] *= -1  # structure 1 has the opposite latent-charge sign
-    total, terms = loss_fn(pred, graph)
-    assert float(total) == pytest.approx(0.0, abs=1e-24)
-    acc = MetricsAccumulator()
-    acc.update(pred, graph)
-    m = acc.compute()
-    assert m["BEC_mae"] == pytest.approx(0.0, abs=1e-12) and m["BEC_r2"] == pytest.approx(1.0)
-
-
-def test_masked_structures_do_not_contribute():
-    graph = _graph()
-    pred = {"energy": graph["energy"].clone(), "forces": graph["forces"].clone()}
-    pred["energy"][1] += 100.0
-    pred["forces"][graph["batch"] == 1] += 5.0
-    loss_fn = WeightedLoss({"energy": 1.0, "forces": 1.0})
-    loss_fn.resolve(["energy", "forces"])
-    assert float(loss_fn(pred, graph)[0]) > 1.0
-    graph["energy_mask"][1] = 0.0
-    graph["forces_mask"][graph["batch"] == 1] = 0.0
-    assert float(loss_fn(pred, graph)[0]) == pytest.approx(0.0, abs=1e-24)
-
-
-def test_missing_label_gives_one_warning_and_weight_zero():
-    loss_fn = WeightedLoss({"energy": 1.0, "forces": 100.0, "dipole": 5.0, "bec": 2.0})
-    with pytest.warns(UserWarning, match="'dipole'.*'bec'.*absent") as record:
-        weights = loss_fn.resolve(["energy", "forces"])
-    assert len([w for w in record if issubclass(w.category, UserWarning)]) == 1
-    assert weights["dipole"] == 0.0 and weights["bec"] == 0.0 and weights["forces"] == 100.0
-    assert loss_fn.active() == ("energy", "forces")
-
-
+# ----------------------------------------------------------------------------- trainer, labels
 def test_missing_label_through_the_trainer(dataset, tmp_path):
     from polarmace.training.trainer import train
 
@@ -139,45 +42,6 @@ def test_missing_label_through_the_trainer(dataset, tmp_path):
         train(cfg, model_factory=toy_model.build_toy_model)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "active loss terms: energy=1, forces=10, stress=1" in log
-
-
-# ------------------------------------------------------------------------- EMA, checkpoints
-def test_ema_state_survives_a_checkpoint_round_trip(tmp_path):
-    cfg = {"model": {"elements": ["Cu", "Au"], "r_max": 4.0, "num_bessel": 4}}
-    model = toy_model.ToyModel(cfg)
-    ema = ExponentialMovingAverage(model, 0.95)
-    for k in range(5):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * (k + 1))
-        ema.update(model)
-    handler = CheckpointHandler(tmp_path, keep=2)
-    for step in range(4):
-        handler.save({"model": model.state_dict(), "ema": ema.state_dict()}, epoch=1, step=step)
-    assert [s for _, s, _ in handler.list()] == [2, 3]  # keep N
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
-    state = handler.load()
-    assert state["epoch"] == 1 and state["step"] == 3 and {"torch", "numpy", "python"} <= set(state["rng"])
-    fresh = ExponentialMovingAverage(toy_model.ToyModel(cfg), 0.5)
-    fresh.load_state_dict(state["ema"])
-    assert fresh.num_updates == 5 and fresh.decay == 0.95
-    for name, t in ema.shadow.items():
-        assert torch.equal(fresh.shadow[name], t)
-    # evaluation swaps the averaged weights in and restores the training weights
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with ema.average_parameters(model):
-        assert torch.equal(model.pair_weights, ema.shadow["pair_weights"])
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n])
-
-
-def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    from polarmace.data.batching import epoch_batches
-
-    a = epoch_batches(23, 4, seed=5, epoch=3)
-    assert a == epoch_batches(23, 4, seed=5, epoch=3)
-    assert a != epoch_batches(23, 4, seed=5, epoch=4)
-    assert sorted(i for b in a for i in b) == list(range(23))
 
 
 # ------------------------------------------------------------------------------- CLI runs
@@ -295,7 +159,7 @@ def _final_state(run: Path):
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(dataset, tmp_path):
     driver = tmp_path / "driver.py"
-    driver.write_text(_DRIVER.format(tests=str(HERE)))
+    driver.write_text(_DRIVER.format(tests=str(TESTS)))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = dict(epochs=4, stage_two={"start_epoch": 2, "energy_weight": 100.0, "forces_weight": 10.0, "lr": 0.005})
     cfgs = {}

@@ -32,10 +32,10 @@ from ase import Atoms, units
 from polarmace.calculator import PolarMACECalculator
 from polarmace.cli import driver
 from polarmace.model import build_model
+from repo_paths import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
 N_STEPS = 12
 
 
