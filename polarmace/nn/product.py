@@ -160,46 +160,6 @@ class SymmetricBasis:
     def num_paths(self, nu: int, l: int, p: int) -> int:
         return int(self.get(nu, l, p).shape[0])
 
-    def symmetric_tensor(self, nu: int, l: int, p: int) -> torch.Tensor:
-        """Full symmetric tensors [K, d, …, d (ν times), 2l+1] of the basis (tests, brute force)."""
-        coeff = self.get(nu, l, p)
-        k = coeff.shape[0]
-        full = torch.zeros((k,) + (self.dim,) * nu + (2 * l + 1,), dtype=torch.float64)
-        for s, mono in enumerate(self.monos[nu]):
-            val = coeff[:, s, :] / multiplicity(mono)
-            for perm in set(itertools.permutations(mono)):
-                full[(slice(None),) + perm] = val
-        return full
-
-
-def full_coupling_basis(max_ell: int, nu: int, l: int, p: int) -> torch.Tensor:
-    """Unreduced generalized Clebsch–Gordan basis [K_full, d^ν…, 2l+1] (iterative coupling over all
-    intermediate irreps, not symmetrised — the construction used by MACE; tests only)."""
-    irreps = natural_irreps(max_ell)
-    dim = irreps.dim
-    blocks = [(mi.ir.l, mi.ir.p, sl.start) for mi, sl in zip(irreps, irreps.slices())]
-    level: Dict[Tuple[int, int], List[torch.Tensor]] = {}
-    for l1, p1, off in blocks:
-        t = torch.zeros(dim, 2 * l1 + 1, dtype=torch.float64)
-        t[off:off + 2 * l1 + 1] = torch.eye(2 * l1 + 1, dtype=torch.float64)
-        level.setdefault((l1, p1), []).append(t)
-    for _ in range(2, nu + 1):
-        new: Dict[Tuple[int, int], List[torch.Tensor]] = {}
-        for (l1, p1), ts in level.items():
-            for t in ts:
-                for l2, p2, off in blocks:
-                    for l3 in range(abs(l1 - l2), l1 + l2 + 1):
-                        cg = o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
-                        e = torch.zeros(dim, 2 * l2 + 1, dtype=torch.float64)
-                        e[off:off + 2 * l2 + 1] = torch.eye(2 * l2 + 1, dtype=torch.float64)
-                        u = torch.einsum("...a,vb,abm->...vm", t, e, cg)
-                        new.setdefault((l3, p1 * p2), []).append(u)
-        level = new
-    ts = level.get((l, p), [])
-    if not ts:
-        return torch.zeros((0,) + (dim,) * nu + (2 * l + 1,), dtype=torch.float64)
-    return torch.stack(ts, 0)
-
 
 # ----------------------------------------------------------------------------------------------
 # The module
@@ -332,30 +292,3 @@ class SymmetricContraction(nn.Module):
         hk = hk.view(c, n, self.nvar, self.out_dim)
         ap = at.permute(1, 2, 0)  # [C, N, nvar]
         return (hk * ap[:, :, :, None]).sum(2)
-
-
-def reference_contraction(a: torch.Tensor, element: torch.Tensor, sc: SymmetricContraction) -> torch.Tensor:
-    """Brute-force evaluation of the same map from the full symmetric tensors (tests only).
-
-    a: [C, N, d] float64, element: [N] element index. Returns [C, N, out_dim].
-    """
-    basis = SymmetricBasis(sc.max_ell, sc.correlation, sc.irreps_out)
-    outs = []
-    kstart = 0
-    for mul_ir in sc.irreps_out:
-        l, p = mul_ir.ir.l, mul_ir.ir.p
-        acc = a.new_zeros(a.shape[0], a.shape[1], 2 * l + 1)
-        for nu in range(1, sc.correlation + 1):
-            t = basis.symmetric_tensor(nu, l, p).to(a.dtype)  # [K, d.., M]
-            k = t.shape[0]
-            if k == 0:
-                continue
-            w = sc.weight[element][:, kstart:kstart + k, :]  # [N, K, C]
-            kstart += k
-            # contract the d-indices with a one by one: [K, d, ..., M] -> [C, N, K, ..., M]
-            x = torch.einsum("cni,ki...->cnk...", a, t)
-            for _ in range(nu - 1):
-                x = torch.einsum("cni,cnki...->cnk...", a, x)
-            acc = acc + torch.einsum("cnkm,nkc->cnm", x, w)
-        outs.append(acc)
-    return torch.cat(outs, dim=2)
