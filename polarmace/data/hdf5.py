@@ -15,7 +15,8 @@ Layout (format "polarmace-hdf5", version 1)::
 
 Per-atom arrays are chunked and compressed; per-structure arrays (small) are read into memory
 when the dataset is opened. Statistics (`polarmace.data.statistics.compute_statistics`) are
-stored as JSON.
+stored as JSON; the trainer uses them instead of recomputing when the training split is the whole
+file with the same r_max and elements (`polarmace.training.datasets.training_statistics`).
 """
 
 from __future__ import annotations
@@ -291,6 +292,17 @@ class HDF5Dataset(torch.utils.data.Dataset):
         # cheap (no overlap search), and a NaN never reaches a loss unnamed
         validate_configuration(config, f"{self.path}: structure {index}", min_distance=None)
         return config
+
+    def atomic_numbers_present(self) -> List[int]:
+        """The atomic numbers found in the set's atoms, sorted (read from the file in blocks)."""
+        import h5py
+
+        found: set = set()
+        with h5py.File(self.path, "r") as f:
+            values = f["atoms"]["atomic_numbers"]
+            for start in range(0, values.shape[0], _VALIDATE_ROWS):
+                found.update(int(z) for z in np.unique(values[start:start + _VALIDATE_ROWS]))
+        return sorted(found)
 
     def label_mask(self, label: str) -> np.ndarray:
         """[B] bool: which structures carry `label` (one of LABEL_NAMES)."""

@@ -12,7 +12,11 @@ from .schema import LABEL_NAMES, Configuration
 from ..errors import ConfigError
 from .graph import collate
 
-__all__ = ["compute_statistics", "fit_e0s"]
+__all__ = ["STATISTICS_KEYS", "compute_statistics", "fit_e0s"]
+
+#: The keys of a `compute_statistics` result (what a stored copy must hold to stand in for it).
+STATISTICS_KEYS = ("elements", "e0s", "avg_num_neighbors", "r_max", "shift", "mean_energy_per_atom", "scale",
+                   "labels", "num_structures", "num_atoms")
 
 
 def _symbol(z: int) -> str:

@@ -110,13 +110,15 @@ def write_config(cfg: Mapping[str, Any], run_dir: Path) -> None:
                       run_dir / "config.yaml")
 
 
-def log_start(run_dir: Path, latest: Optional[Path], data: Any, stats: Mapping[str, Any]) -> None:
+def log_start(run_dir: Path, latest: Optional[Path], data: Any, stats: Mapping[str, Any], origin: str = "") -> None:
+    """The run's first lines: directory, data sizes, and the statistics with `origin`, where
+    they come from (e.g. "stored in train.h5 ...", "computed on the 18 training structures")."""
     log.info("run directory %s (%s)", run_dir, "resuming " + latest.name if latest else "new run")
     log.info("data: %d train, %d valid, %d test configurations; elements %s",
              len(data.train), len(data.valid or []), len(data.test or []), stats["elements"])
-    log.info("E0s (eV): %s; avg_num_neighbors %.3f; shift %.5g eV/atom; scale %.5g eV/Å",
+    log.info("E0s (eV): %s; avg_num_neighbors %.3f; shift %.5g eV/atom; scale %.5g eV/Å%s",
              {k: round(v, 6) for k, v in stats["e0s"].items()}, stats["avg_num_neighbors"],
-             stats["shift"], stats["scale"])
+             stats["shift"], stats["scale"], f"; statistics {origin}" if origin else "")
 
 
 def log_epoch(row: Mapping[str, Any], improved: bool, header: bool) -> None:

@@ -27,13 +27,12 @@ import torch
 
 from polarmace.config import Config, ConfigError, OutputConfig, load_config
 from polarmace.data.batching import num_atoms_of
-from polarmace.data.statistics import compute_statistics
 from polarmace.finetune import initial_model
 
 from . import distributed as ddp
 from . import reporting
 from .checkpoint import CheckpointHandler, atomic_save, versions
-from .datasets import build_data
+from .datasets import build_data, training_statistics
 from .ema import ExponentialMovingAverage
 from .lock import RunExistsError, RunLock
 from .loop import Callback, EpochPlan, evaluate, run_epoch
@@ -139,11 +138,11 @@ class _Run:
         np.random.seed(seed % (2 ** 32))
         random.seed(seed)
         self.data = build_data(self.conf.data, self.run_dir, resume=saved is not None, is_main=self.info.is_main)
-        self.model_cfg, self.stats, changes = self._model_config(saved)
+        self.model_cfg, self.stats, changes, origin = self._model_config(saved)
         self.tc = training_config(self.model_cfg["training"])
         if self.info.is_main:
             reporting.write_config(self.model_cfg, self.run_dir)
-            reporting.log_start(self.run_dir, latest, self.data, self.stats)
+            reporting.log_start(self.run_dir, latest, self.data, self.stats, origin)
         state, loss_fn = self._build(model_factory or _default_factory())
         if saved is not None:
             state.restore(saved, warn=log.warning)
@@ -162,18 +161,20 @@ class _Run:
         loss_fn.set_weights(stage_weights(self.tc, state.last_stage))
         return self._finish(state, loss_fn)
 
-    def _model_config(self, saved: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict]:
+    def _model_config(self, saved: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict, str]:
         """(config the model is built from and checkpoints carry, statistics, applied training
-        changes). A resumed run takes the checkpoint's model and statistics; its training
-        section is the new one except for the keys that cannot change (`policy.RESUME_IGNORED`)."""
+        changes, where the statistics come from). A resumed run takes the checkpoint's model and
+        statistics; its training section is the new one except for the keys that cannot change
+        (`policy.RESUME_IGNORED`). A new run uses the statistics an HDF5 training file stores
+        when they describe its training split (`datasets.training_statistics`)."""
         if saved is not None:
             model_cfg, stats = copy.deepcopy(saved["config"]), saved["statistics"]
             _warn_config_changes(self.cfg, model_cfg)
             tcfg, changes = resume_training_section(self.cfg["training"], model_cfg.get("training") or {})
             model_cfg["training"] = copy.deepcopy(tcfg)
-            return model_cfg, stats, changes
+            return model_cfg, stats, changes, "from the checkpoint"
         m = self.conf.model
-        stats = compute_statistics(self.data.train, m.r_max, elements=m.elements, e0s=m.e0s)
+        stats, origin = training_statistics(self.data.train, m)
         if stats["e0s"] is None:
             warnings.warn("no energy labels in the training data: E0s set to 0", UserWarning, stacklevel=2)
             stats["e0s"] = {s: 0.0 for s in stats["elements"]}
@@ -182,7 +183,7 @@ class _Run:
         model_cfg["model"]["e0s"] = stats["e0s"]
         if model_cfg["model"].get("avg_num_neighbors") is None:
             model_cfg["model"]["avg_num_neighbors"] = stats["avg_num_neighbors"]
-        return model_cfg, stats, {}
+        return model_cfg, stats, {}, origin
 
     def _build(self, factory: Callable) -> Tuple[TrainState, WeightedLoss]:
         """The model (on every rank the same weights), loss, optimizer, scheduler and EMA."""

@@ -211,7 +211,7 @@ def _cases(w) -> Dict[str, dict]:
     empty.write_text("")
     dup = r / "dup.yaml"
     dup.write_text(f"data:\n  train: {data}\ntraining:\n  lr: 0.01\n  epochs: 1\n  lr: 0.05\n")
-    bug = "import polarmace.training.trainer as t\nt.compute_statistics = lambda *a, **k: 1 / 0\n"
+    bug = "import polarmace.training.datasets as t\nt.compute_statistics = lambda *a, **k: 1 / 0\n"
     cases = {
         # polarmace-train
         "train_empty_config": _case("train", [empty] + TOY, ["data.train is not set"], [empty], [r / "runs"]),
