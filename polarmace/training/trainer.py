@@ -141,9 +141,10 @@ class _Run:
         self.model_cfg, self.stats, changes, origin = self._model_config(saved)
         self.tc = training_config(self.model_cfg["training"])
         if self.info.is_main:
-            reporting.write_config(self.model_cfg, self.run_dir)
             reporting.log_start(self.run_dir, latest, self.data, self.stats, origin)
         state, loss_fn = self._build(model_factory or _default_factory())
+        if self.info.is_main:  # after the build: model.init_from puts the file's trunk and E0s in model_cfg
+            reporting.write_config(self.model_cfg, self.run_dir)
         if saved is not None:
             state.restore(saved, warn=log.warning)
             in_stage_two = bool(state.partial.get("stage_two_applied")) or state.last_stage == 2

@@ -183,3 +183,30 @@ def test_trainer_reads_init_from(tmp_path: Path) -> None:
     cfg["training"]["epochs"] = 2
     train(cfg, resume=True, callbacks=[callback])
     assert any(not torch.equal(snaps[-1][k], ref[k]) for k in ref if "weight" in k)
+
+
+def test_run_config_records_what_init_from_built(tmp_path: Path) -> None:
+    """config.json / config.yaml of the run directory are written after model.init_from is applied:
+    they carry the file's trunk, elements and E0s (the config's own trunk keys differ), the same
+    model section the checkpoint carries and the final model was built from."""
+    import json
+
+    import yaml
+
+    from polarmace.finetune import TRUNK_KEYS
+    from polarmace.model import PolarMACE
+    from polarmace.training.checkpoint import CheckpointHandler
+    from polarmace.training.trainer import train
+
+    src = _source(tmp_path)
+    train(_config(_data(tmp_path / "d.xyz"), src, tmp_path / "run", epochs=0, freeze=0))
+    run = tmp_path / "run"
+    written = json.loads((run / "config.json").read_text())["model"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == written
+    assert written["hidden_irreps"] == "4x0e+4x1o" and written["num_interactions"] == 2
+    assert written["residual_first_block"] is True and written["avg_num_neighbors"] == 9.0
+    assert written["elements"] == ["Au", "Cu"] and written["e0s"] == {"Au": -1.0, "Cu": -2.0}
+    assert written["init_from"] == str(src)  # how the run started
+    assert written == CheckpointHandler(run).load()["config"]["model"]
+    built = PolarMACE.load(str(run / "ft.model")).config["model"]
+    assert {k: written[k] for k in TRUNK_KEYS} == {k: built[k] for k in TRUNK_KEYS}
