@@ -52,6 +52,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from polarmace.data.atoms import find_total_charge, total_charge_of
 from polarmace.data.schema import CLOSE_DISTANCE, MIN_DISTANCE, DataError, check_cell, closest_pair_problem
+from polarmace.data.graph import host_facts
 from polarmace.export import load_any, model_dtype, model_metadata
 from polarmace.neighbours import neighbour_pairs
 
@@ -273,6 +274,8 @@ class PolarMACECalculator(Calculator):
             "external_field": torch.tensor(field, **f).unsqueeze(0),
             "num_atoms": torch.tensor([n], dtype=torch.long, device=self.device),
             "weight": torch.ones(1, **f),
+            # on the CPU whatever the device: the model plans the step without a device sync
+            **host_facts(numbers, edge_index, cell[None], pbc[None], np.array([n])),
         }
 
     # ------------------------------------------------------------------ screening

@@ -10,7 +10,7 @@ resolved config (stored in every saved file): no pickled modules.
 """
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Final, Mapping, Optional
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional
 
 import torch
 from ase.data import atomic_numbers as ASE_NUMBERS
@@ -116,6 +116,7 @@ class PolarMACE(torch.nn.Module):
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
         self.register_buffer("element_index", lookup)
+        self.element_numbers: List[int] = numbers
         self.register_buffer("atomic_energies",
                              torch.tensor([float(m.e0s[s]) for s in elements]))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -178,11 +179,20 @@ class PolarMACE(torch.nn.Module):
         cell = graph["cell"]
         batch = graph["batch"]
         num_structures = cell.shape[0]
-        species = self.element_index[graph["atomic_numbers"]]
-        if bool((species < 0).any()):
-            bad = graph["atomic_numbers"][species < 0][0]
-            raise ValueError("PolarMACE: element with atomic number " + str(int(bad))
-                             + " is not in model.elements")
+        element_counts: Optional[List[int]] = None
+        num_chunks: Optional[int] = None
+        if "host_atomic_number_counts" in graph and "host_receiver_degree" in graph:
+            # host-side facts of the batch (polarmace.data.keys): validate and plan without
+            # reading anything back from the device
+            element_counts = self._host_element_counts(graph["host_atomic_number_counts"])
+            num_chunks = self.trunk.num_edge_chunks(graph["host_receiver_degree"])
+            species = self.element_index.index_select(0, graph["atomic_numbers"])
+        else:
+            species = self.element_index[graph["atomic_numbers"]]
+            if bool((species < 0).any()):
+                bad = graph["atomic_numbers"][species < 0][0]
+                raise ValueError("PolarMACE: element with atomic number " + str(int(bad))
+                                 + " is not in model.elements")
         training = self.training
         positions = positions.detach().requires_grad_(compute_forces or compute_bec or training)
         displacement: Optional[torch.Tensor] = None
@@ -192,7 +202,8 @@ class PolarMACE(torch.nn.Module):
             displacement = torch.zeros_like(cell).requires_grad_(True)
             strained_pos, strained_cell = apply_strain(positions, cell, batch, displacement)
         vectors = edge_vectors(strained_pos, strained_cell, batch, graph["edge_index"], graph["shifts"])
-        features, node_mace = self.trunk(graph["atomic_numbers"], graph["edge_index"], vectors, batch)
+        features, node_mace = self.trunk(graph["atomic_numbers"], graph["edge_index"], vectors, batch,
+                                         element_counts, num_chunks)
         node_energy = self.atomic_energies[species] + self.scale * node_mace + self.shift
         energy = segment_sum(node_energy, batch, num_structures)
         out: Dict[str, torch.Tensor] = {}
@@ -211,13 +222,31 @@ class PolarMACE(torch.nn.Module):
                 out["stress"] = stress
         if compute_bec and self.electrostatics_on:
             bec = born_effective_charges(positions, cell, graph["pbc"], batch, out["charges"],
-                                         out["dipoles"], create_graph=training)
+                                         out["dipoles"], create_graph=training,
+                                         host_pbc=graph.get("host_pbc"))
             if self.eps_infty > 0:
                 bec = bec * out["screening"].sqrt()[batch][:, None, None]
             out["bec"] = bec
         out["energy"] = energy
         out["node_energy"] = node_energy
         return out
+
+    def _host_element_counts(self, counts_by_z: torch.Tensor) -> List[int]:
+        """Atoms of each model element from the host's atoms per atomic number [119]; an element
+        the model does not know is an error."""
+        by_z: List[int] = counts_by_z.tolist()
+        if len(by_z) != self.element_index.shape[0]:
+            raise ValueError("PolarMACE: host_atomic_number_counts must have "
+                             + str(self.element_index.shape[0]) + " entries, got " + str(len(by_z)))
+        counts: List[int] = []
+        for z in self.element_numbers:
+            counts.append(by_z[z])
+        if sum(counts) != sum(by_z):
+            for z in range(len(by_z)):
+                if by_z[z] > 0 and z not in self.element_numbers:
+                    raise ValueError("PolarMACE: element with atomic number " + str(z)
+                                     + " is not in model.elements")
+        return counts
 
     def _long_range(self, graph: Dict[str, torch.Tensor], features: torch.Tensor,
                     positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
@@ -260,7 +289,9 @@ class PolarMACE(torch.nn.Module):
                              kappa=kappa, alpha=alpha, batch=batch, external_field=field,
                              total_charge=total,
                              # without a response step nothing reads the site fields
-                             compute_fields=self.use_induced_charges or self.use_induced_dipoles)
+                             compute_fields=self.use_induced_charges or self.use_induced_dipoles,
+                             host_cell=graph.get("host_cell"), host_pbc=graph.get("host_pbc"),
+                             host_num_atoms=graph.get("host_num_atoms"))
         charges = result.charges
         dq = result.induced_charges
         if dq is not None:
@@ -278,7 +309,8 @@ class PolarMACE(torch.nn.Module):
         if alpha is not None:
             out["alpha"] = alpha
         out["electrostatic_energy"] = result.energy
-        p = polarization(positions, cell, graph["pbc"], batch, charges, dipoles)
+        p = polarization(positions, cell, graph["pbc"], batch, charges, dipoles,
+                         host_pbc=graph.get("host_pbc"))
         out["polarization"] = p
         out["dipole"] = p
         screening = electronic_screening(self.eps_infty if self.eps_infty > 0 else 1.0, alpha,

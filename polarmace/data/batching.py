@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .keys import HOST_KEYS
 from .schema import Configuration
 from .graph import BatchSampler, collate
 from .sources import Subset
@@ -22,10 +23,11 @@ __all__ = ["epoch_batches", "iterate_graphs", "num_atoms_of", "to_device"]
 
 
 def to_device(graph: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """The graph dict on `device`, floating-point tensors cast to `dtype`."""
+    """The graph dict on `device`, floating-point tensors cast to `dtype`; the host-side facts
+    (`polarmace.data.keys.HOST_KEYS`) stay on the CPU."""
     out = {}
     for k, v in graph.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and k not in HOST_KEYS:
             v = v.to(device)
             if v.is_floating_point():
                 v = v.to(dtype)

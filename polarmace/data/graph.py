@@ -11,7 +11,8 @@ import torch.utils.data
 
 from ..neighbours import neighbour_pairs
 from .keys import (ATOMIC_NUMBERS, BATCH, BEC, BEC_MASK, CELL, DIPOLE, DIPOLE_MASK, EDGE_INDEX, ENERGY,
-                   ENERGY_MASK, EXTERNAL_FIELD, FORCES, FORCES_MASK, LABELS, NUM_ATOMS, PBC, POSITIONS, PTR,
+                   ENERGY_MASK, EXTERNAL_FIELD, FORCES, FORCES_MASK, HOST_ATOMIC_NUMBER_COUNTS,
+                   HOST_CELL, HOST_NUM_ATOMS, HOST_PBC, HOST_RECEIVER_DEGREE, LABELS, NUM_ATOMS, PBC, POSITIONS, PTR,
                    SHIFTS, STRESS, STRESS_MASK, TOTAL_CHARGE, VIRIALS, VIRIALS_MASK, WEIGHT, mask_key)
 from .schema import LABEL_NAMES, PER_ATOM_LABELS, Configuration, stack_label
 
@@ -19,7 +20,7 @@ __all__ = [
     "POSITIONS", "ATOMIC_NUMBERS", "BATCH", "PTR", "CELL", "PBC", "EDGE_INDEX", "SHIFTS", "TOTAL_CHARGE",
     "EXTERNAL_FIELD", "NUM_ATOMS", "WEIGHT", "ENERGY", "FORCES", "STRESS", "VIRIALS", "DIPOLE", "BEC",
     "ENERGY_MASK", "FORCES_MASK", "STRESS_MASK", "VIRIALS_MASK", "DIPOLE_MASK", "BEC_MASK",
-    "LABELS", "PER_ATOM_LABELS", "mask_key", "collate", "BatchSampler",
+    "LABELS", "PER_ATOM_LABELS", "mask_key", "collate", "host_facts", "BatchSampler",
 ]
 
 assert LABELS == LABEL_NAMES
@@ -53,6 +54,7 @@ def collate(configurations: Sequence[Configuration], cutoff: float, dtype: torch
         NUM_ATOMS: torch.from_numpy(counts),
         WEIGHT: torch.tensor([c.weight for c in configurations], dtype=dtype),
     }
+    graph.update(host_facts(graph[ATOMIC_NUMBERS].numpy(), edge_index.numpy(), cell.numpy(), pbc.numpy(), counts))
     for label in LABELS:
         values, present = stack_label(configurations, label)
         if not present.any():
@@ -61,6 +63,23 @@ def collate(configurations: Sequence[Configuration], cutoff: float, dtype: torch
         graph[label] = torch.from_numpy(values).to(dtype)
         graph[mask_key(label)] = torch.from_numpy(mask).to(dtype)
     return graph
+
+
+def host_facts(atomic_numbers: np.ndarray, edge_index: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+               num_atoms: np.ndarray) -> Dict[str, torch.Tensor]:
+    """The host-side facts of a batch (see polarmace.data.keys), CPU tensors, from its atomic
+    numbers [N], edge_index [2, E], cell [B,3,3] Å, pbc [B,3] and atoms per structure [B]."""
+    z = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
+    centres = np.asarray(edge_index, dtype=np.int64).reshape(2, -1)[0]
+    if z.size and (z.min() < 1 or z.max() > 118):
+        raise ValueError(f"invalid atomic number {int(z.min()) if z.min() < 1 else int(z.max())}")
+    return {
+        HOST_ATOMIC_NUMBER_COUNTS: torch.from_numpy(np.bincount(z, minlength=119)),
+        HOST_RECEIVER_DEGREE: torch.from_numpy(np.bincount(centres, minlength=len(z))),
+        HOST_CELL: torch.from_numpy(np.array(cell, dtype=np.float64).reshape(-1, 3, 3)),
+        HOST_PBC: torch.from_numpy(np.array(pbc, dtype=bool).reshape(-1, 3)),
+        HOST_NUM_ATOMS: torch.from_numpy(np.array(num_atoms, dtype=np.int64).reshape(-1)),
+    }
 
 
 class BatchSampler(torch.utils.data.Sampler):

@@ -25,7 +25,7 @@ constants), eager mode. The engine uses it only then and otherwise takes the aut
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -100,7 +100,8 @@ class _Energy(torch.autograd.Function):
 def charge_reciprocal_energy(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
                              q: torch.Tensor, beta: float, kvecs: torch.Tensor,
                              kmask: torch.Tensor, taper_start: float = 0.0,
-                             taper_end: float = 0.0) -> torch.Tensor:
+                             taper_end: float = 0.0,
+                             host_num_atoms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reciprocal energy [B] (eV) of charges q [N] (e) at positions [N,3] (Å); the same value
     and derivatives as ``ewald.reciprocal_energy(..., mu=None, theta=None)``.
 
@@ -109,7 +110,7 @@ def charge_reciprocal_energy(positions: torch.Tensor, batch: torch.Tensor, cell:
         raise ValueError("charge_reciprocal_energy: the cell must not require grad (stress); "
                          "use ewald.reciprocal_energy")
     num_structures = cell.shape[0]
-    flat, nmax = ewald._padded_layout(batch, num_structures)
+    flat, nmax = ewald._padded_layout(batch, num_structures, host_num_atoms)
     pos_pad = ewald._to_padded(positions, flat, num_structures, nmax)
     q_pad = ewald._to_padded(q.unsqueeze(1), flat, num_structures, nmax).squeeze(-1)
     w = ewald._kspace_weights(cell, kvecs, kmask, beta, taper_start=taper_start,

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from polarmace.units import COULOMB
-from polarmace.electrostatics.validation import validate_inputs
+from polarmace.electrostatics.validation import check_cell, validate_inputs, validate_shapes
 from polarmace.electrostatics.response import induced_charges, induced_dipoles, segment_sum
 from polarmace.electrostatics import charge_ewald, kernels, direct, ewald, pme
 
@@ -175,7 +175,9 @@ class Electrostatics(torch.nn.Module):
                 alpha: Optional[torch.Tensor] = None, batch: Optional[torch.Tensor] = None,
                 external_field: Optional[torch.Tensor] = None,
                 total_charge: Optional[torch.Tensor] = None,
-                compute_fields: bool = True) -> ElectrostaticsResult:
+                compute_fields: bool = True, host_cell: Optional[torch.Tensor] = None,
+                host_pbc: Optional[torch.Tensor] = None,
+                host_num_atoms: Optional[torch.Tensor] = None) -> ElectrostaticsResult:
         """Energy [B] eV, potential [N] V, field [N,3] V/Å and induced multipoles.
 
         positions [N,3] Å; cell [B,3,3] Å (rows = lattice vectors); pbc [B,3] bool;
@@ -185,11 +187,28 @@ class Electrostatics(torch.nn.Module):
         compute_fields=False (no kappa, no alpha): the energy only, from the structure factor
         or the mesh charge of 3D-periodic batches (about half the cost, less in training);
         potential and field then come back EMPTY ([0] and [0,3]).
+
+        host_cell [B,3,3], host_pbc [B,3] and host_num_atoms [B], CPU copies of cell, pbc and
+        the atoms per structure, let every choice (route, mesh, k-vectors, spline order) be made
+        on the host: with all three given, the caller vouches that batch is sorted and the
+        sources finite (the model's are), the geometry is checked on the host copies, and the
+        call reads nothing back from an accelerator. Without them they are copied once here.
         """
         if batch is None:
             batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
-        validate_inputs(positions, cell, pbc, charges, dipoles, quadrupoles, kappa, alpha, batch,
-                        external_field, total_charge)
+        if host_cell is not None and host_pbc is not None and host_num_atoms is not None:
+            validate_shapes(positions, cell, pbc, charges, dipoles, quadrupoles, kappa, alpha, batch,
+                            external_field, total_charge)
+            hcell = host_cell.detach().to(torch.float64)
+            hpbc = host_pbc
+            hsizes = host_num_atoms
+            check_cell(hcell, hpbc)
+        else:
+            validate_inputs(positions, cell, pbc, charges, dipoles, quadrupoles, kappa, alpha, batch,
+                            external_field, total_charge)
+            hcell = cell.detach().to(device="cpu", dtype=torch.float64)
+            hpbc = pbc.cpu()
+            hsizes = torch.bincount(batch.cpu(), minlength=cell.shape[0])
         num_structures = cell.shape[0]
         q = charges
         if total_charge is not None:
@@ -197,8 +216,9 @@ class Electrostatics(torch.nn.Module):
             excess = (total_charge - segment_sum(q, batch, num_structures)) / counts
             q = q + excess[batch]
         if (not compute_fields and kappa is None and alpha is None
-                and self._energy_route(positions, cell, pbc, batch, dipoles, quadrupoles)):
-            energy = self._periodic_energy(positions, cell, batch, q, dipoles, quadrupoles)
+                and self._energy_route(positions, hpbc, dipoles, quadrupoles)):
+            energy = self._periodic_energy(positions, cell, batch, q, dipoles, quadrupoles, hcell,
+                                           hsizes)
             if not self.remove_self_interaction:
                 energy = energy + self._gaussian_self_energy(q, dipoles, quadrupoles, batch,
                                                              num_structures)
@@ -206,7 +226,7 @@ class Electrostatics(torch.nn.Module):
                                         None, None, energy, torch.zeros_like(energy), q)
         need_gradient = quadrupoles is not None
         phi, field, gradient = self._site_fields(positions, cell, pbc, batch, q, dipoles,
-                                                 quadrupoles, need_gradient)
+                                                 quadrupoles, need_gradient, hcell, hpbc, hsizes)
         permanent = segment_sum(kernels.site_energy(q, dipoles, quadrupoles, phi, field, gradient),
                                 batch, num_structures)
         if not self.remove_self_interaction:
@@ -248,16 +268,19 @@ class Electrostatics(torch.nn.Module):
     # ------------------------------------------------------------------ site fields
     def _site_fields(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                      batch: torch.Tensor, q: torch.Tensor, mu: Optional[torch.Tensor],
-                     theta: Optional[torch.Tensor], need_gradient: bool
+                     theta: Optional[torch.Tensor], need_gradient: bool, hcell: torch.Tensor,
+                     hpbc: torch.Tensor, hsizes: torch.Tensor
                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """φ, E, ∇E at every site from all other multipoles, routing open and periodic sets."""
-        open_s = ~pbc.any(dim=1)
-        open_atoms = open_s[batch]
-        if bool(open_atoms.all()):
+        """φ, E, ∇E at every site from all other multipoles, routing open and periodic sets
+        (hcell, hpbc, hsizes: host copies of cell, pbc and the atoms per structure)."""
+        host_open = ~hpbc.any(dim=1)
+        if bool(host_open.all()):
             return direct.open_site_fields(positions, batch, q, mu, theta, self.sigma, need_gradient)
-        if not bool(open_atoms.any()):
+        if not bool(host_open.any()):
             return self._periodic_site_fields(positions, cell, pbc, batch, q, mu, theta,
-                                              need_gradient)
+                                              need_gradient, hcell, hpbc, hsizes)
+        open_s = host_open.to(pbc.device)
+        open_atoms = open_s[batch]
         n = positions.shape[0]
         phi = positions.new_zeros(n)
         field = positions.new_zeros(n, 3)
@@ -274,44 +297,46 @@ class Electrostatics(torch.nn.Module):
                 p, f, g = direct.open_site_fields(positions[idx], sub_batch, q[idx], sub_mu,
                                                   sub_theta, self.sigma, need_gradient)
             else:
+                hmask = ~host_open
                 p, f, g = self._periodic_site_fields(positions[idx], cell[smask], pbc[smask],
                                                      sub_batch, q[idx], sub_mu, sub_theta,
-                                                     need_gradient)
+                                                     need_gradient, hcell[hmask], hpbc[hmask],
+                                                     hsizes[hmask])
             phi = phi.index_copy(0, idx, p)
             field = field.index_copy(0, idx, f)
             if gradient is not None and g is not None:
                 gradient = gradient.index_copy(0, idx, g)
         return phi, field, gradient
 
-    def _use_pme(self, batch: torch.Tensor, num_structures: int) -> bool:
+    def _use_pme(self, hsizes: torch.Tensor) -> bool:
         if self.kspace == "les" or self.method == "ewald":
             return False
         if self.method == "pme":
             return True
-        largest = int(torch.bincount(batch, minlength=num_structures).max())
-        return largest > self.pme_threshold
+        return int(hsizes.max()) > self.pme_threshold
 
     def _periodic_site_fields(self, positions: torch.Tensor, cell: torch.Tensor,
                               pbc: torch.Tensor, batch: torch.Tensor, q: torch.Tensor,
                               mu: Optional[torch.Tensor], theta: Optional[torch.Tensor],
-                              need_gradient: bool
-                              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                              need_gradient: bool, hcell: torch.Tensor, hpbc: torch.Tensor,
+                              hsizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         if self.method == "direct":
             raise ValueError("Electrostatics: method='direct' handles open structures only; "
                              "this batch has periodic or slab structures")
         num_structures = cell.shape[0]
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, needs_real_space = self._split(order)
-        if self._use_pme(batch, num_structures):
-            spline_order = self._spline_order(batch, num_structures, theta)
-            mesh = pme.choose_mesh(cell, beta, self.accuracy, spline_order, order)
+        if self._use_pme(hsizes):
+            spline_order = self._spline_order(hsizes, theta)
+            mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
-                                                       mesh, spline_order, need_gradient)
+                                                       mesh, spline_order, need_gradient,
+                                                       host_cell=hcell)
         else:
-            kvecs, kmask, start, end = self._kvectors(cell, kmax)
+            kvecs, kmask, start, end = self._kvectors(cell, kmax, hcell)
             phi, field, gradient = ewald.reciprocal_site_fields(
                 positions, batch, cell, q, mu, theta, beta, kvecs, kmask, need_gradient,
-                0, start, end)
+                0, start, end, hsizes)
         phi, field, gradient = self._subtract_self(phi, field, gradient, q, mu, theta, beta)
         if needs_real_space:
             cutoff = self._real_space_cutoff(beta, order)
@@ -324,24 +349,23 @@ class Electrostatics(torch.nn.Module):
                 gradient = gradient + g
         volume = torch.linalg.det(cell).abs()
         phi = phi + self._background_potential(q, batch, volume, num_structures, beta)
-        slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]
-        if bool(slab.any()):
+        host_slab = hpbc[:, 0] & hpbc[:, 1] & ~hpbc[:, 2]
+        if bool(host_slab.any()):
+            slab = host_slab.to(pbc.device)
             p, f = slab_correction_fields(positions, cell, batch, q, mu, slab, self.coulomb)
             phi = phi + p
             field = field + f
         return phi, field, gradient
 
-    def _spline_order(self, batch: torch.Tensor, num_structures: int,
-                      theta: Optional[torch.Tensor]) -> int:
+    def _spline_order(self, hsizes: torch.Tensor, theta: Optional[torch.Tensor]) -> int:
         """PME B-spline order: the configured one, else 8; 10 for quadrupoles above 50,000
         atoms (measured here: order 8 is fastest up to ~10^4 atoms; for very large cells with
         quadrupoles order 10 halves the time, the order-8 mesh must be much finer)."""
         if self.pme_order > 0:
             return self.pme_order
-        largest = int(torch.bincount(batch, minlength=num_structures).max())
-        return 10 if (theta is not None and largest > 50000) else 8
+        return 10 if (theta is not None and int(hsizes.max()) > 50000) else 8
 
-    def _kvectors(self, cell: torch.Tensor, kmax: float
+    def _kvectors(self, cell: torch.Tensor, kmax: float, hcell: torch.Tensor
                   ) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
         """(k-vectors, mask, taper start, taper end) of the k-sum. The converged set is tapered
         smoothly to zero between kmax and 1.1 kmax, so k-vectors that enter or leave under
@@ -350,20 +374,19 @@ class Electrostatics(torch.nn.Module):
             kvecs, kmask = ewald.les_kvectors(cell, self.dl)
             return kvecs, kmask, 0.0, 0.0
         kend = kmax * self.taper_width
-        kvecs, kmask = ewald.converged_kvectors(cell, kend)
+        kvecs, kmask = ewald.converged_kvectors(cell, kend, host_cell=hcell)
         return kvecs, kmask, kmax, kend
 
-    def _energy_route(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
-                      batch: torch.Tensor, mu: Optional[torch.Tensor],
+    def _energy_route(self, positions: torch.Tensor, hpbc: torch.Tensor, mu: Optional[torch.Tensor],
                       theta: Optional[torch.Tensor]) -> bool:
         """Whether the energy alone can come from the k-space / mesh sum: every structure
         3D periodic and no real-space part (σ > 0 with β = a)."""
-        if self.method == "direct" or positions.shape[0] == 0 or not bool(pbc.all()):
+        if self.method == "direct" or positions.shape[0] == 0 or not bool(hpbc.all()):
             return False
         order = 2 if theta is not None else (1 if mu is not None else 0)
         return not self._split(order)[2]
 
-    def _mesh_is_cheaper(self, cell: torch.Tensor, batch: torch.Tensor, kmax: float) -> bool:
+    def _mesh_is_cheaper(self, hcell: torch.Tensor, hsizes: torch.Tensor, kmax: float) -> bool:
         """For the energy alone (training), whether PME beats the k-sum: the k-sum costs about
         N·K with K ≈ k_end³V/(12π²) vectors, PME a nearly fixed stencil per atom. Measured
         here (force-trained step, 4 cells, σ = 1, 1e-6): the two break even near N·K ≈ 4·10⁴
@@ -372,31 +395,34 @@ class Electrostatics(torch.nn.Module):
         if self.method != "auto" or self.kspace != "converged":
             return False
         kend = kmax * self.taper_width
-        volume = float(torch.linalg.det(cell.detach()).abs().max())
-        largest = int(torch.bincount(batch, minlength=cell.shape[0]).max())
+        volume = float(torch.linalg.det(hcell).abs().max())
+        largest = int(hsizes.max())
         return largest * kend ** 3 * volume / (12.0 * math.pi ** 2) > 4.0e4
 
     def _periodic_energy(self, positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
                          q: torch.Tensor, mu: Optional[torch.Tensor],
-                         theta: Optional[torch.Tensor]) -> torch.Tensor:
+                         theta: Optional[torch.Tensor], hcell: torch.Tensor,
+                         hsizes: torch.Tensor) -> torch.Tensor:
         """Permanent energy [B] of 3D-periodic structures without site fields: the reciprocal
         energy ½Σ_k w|S(k)|² (Ewald) or ½Σ Q·φ_mesh (PME), minus each site's self image, plus
         the background term. Equals Σ site_energy of `_periodic_site_fields`."""
         num_structures = cell.shape[0]
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, _ = self._split(order)
-        if self._use_pme(batch, num_structures) or self._mesh_is_cheaper(cell, batch, kmax):
-            spline_order = self._spline_order(batch, num_structures, theta)
-            mesh = pme.choose_mesh(cell, beta, self.accuracy, spline_order, order)
-            energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order)
+        if self._use_pme(hsizes) or self._mesh_is_cheaper(hcell, hsizes, kmax):
+            spline_order = self._spline_order(hsizes, theta)
+            mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
+            energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order,
+                                    host_cell=hcell)
         else:
-            kvecs, kmask, start, end = self._kvectors(cell, kmax)
+            kvecs, kmask, start, end = self._kvectors(cell, kmax, hcell)
             if (self.kspace == "converged" and mu is None and theta is None
                     and not cell.requires_grad and not torch.jit.is_scripting()):
-                energy = self._charge_energy(positions, batch, cell, q, beta, kvecs, kmask, start, end)
+                energy = self._charge_energy(positions, batch, cell, q, beta, kvecs, kmask, start, end,
+                                             hsizes)
             else:
                 energy = ewald.reciprocal_energy(positions, batch, cell, q, mu, theta, beta, kvecs,
-                                                 kmask, 0, start, end)
+                                                 kmask, 0, start, end, hsizes)
         # self images: ½qφ_self, −½μ·E_self, −¼Θ:G_self with the terms of _subtract_self
         sqrt_pi = math.sqrt(math.pi)
         c1 = self.coulomb * 4.0 * beta ** 3 / (3.0 * sqrt_pi)
@@ -415,10 +441,10 @@ class Electrostatics(torch.nn.Module):
     @torch.jit.unused
     def _charge_energy(self, positions: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor,
                        q: torch.Tensor, beta: float, kvecs: torch.Tensor, kmask: torch.Tensor,
-                       kmax: float, kend: float) -> torch.Tensor:
+                       kmax: float, kend: float, hsizes: torch.Tensor) -> torch.Tensor:
         """Charges in a cell without stress: hand-written second derivatives (training)."""
         return charge_ewald.charge_reciprocal_energy(positions, batch, cell, q, beta, kvecs, kmask,
-                                                     kmax, kend)
+                                                     kmax, kend, hsizes)
 
     def _subtract_self(self, phi: torch.Tensor, field: torch.Tensor,
                        gradient: Optional[torch.Tensor], q: torch.Tensor,

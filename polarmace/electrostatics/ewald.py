@@ -75,14 +75,19 @@ def kmax_for_accuracy(beta: float, accuracy: float) -> float:
     return 2.0 * beta * math.sqrt(math.log(1.0 / accuracy))
 
 
-def _kvectors_from_bounds(cell: torch.Tensor, bounds: torch.Tensor,
-                          kmax2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _kvectors_from_bounds(cell: torch.Tensor, bounds: torch.Tensor, kmax2: torch.Tensor,
+                          select_cell: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Half-space k-vectors with |n_a| ≤ bounds[b, a] and 0 < |k|² ≤ kmax2[b], padded per structure.
 
     cell [B,3,3]; bounds [B,3] int64; kmax2 [B] (float64). Returns (k [B,K,3], mask [B,K]).
-    The selection runs in float64 on a detached cell; k is recomputed with autograd.
+    The selection runs in float64 on a detached cell (`select_cell`, e.g. a host copy, with
+    bounds and kmax2 on its device); k is recomputed from `cell` with autograd.
     """
-    device = cell.device
+    target = cell.device
+    if select_cell is None:
+        select_cell = cell.detach()
+    device = select_cell.device
     nstruct = cell.shape[0]
     if nstruct == 0:
         return (torch.zeros((0, 0, 3), dtype=cell.dtype, device=device),
@@ -100,7 +105,7 @@ def _kvectors_from_bounds(cell: torch.Tensor, bounds: torch.Tensor,
     half = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0)) | (
         (grid[:, 0] == 0) & (grid[:, 1] == 0) & (grid[:, 2] > 0))
     grid = grid[half]
-    recip = 2.0 * math.pi * torch.linalg.inv(cell.detach().to(torch.float64)).transpose(1, 2)
+    recip = 2.0 * math.pi * torch.linalg.inv(select_cell.to(torch.float64)).transpose(1, 2)
     k_all = torch.einsum("ga,bac->bgc", grid.to(torch.float64), recip)  # [B,G,3]
     k2 = (k_all * k_all).sum(dim=-1)
     inside = (grid.abs().unsqueeze(0) <= bounds.unsqueeze(1)).all(dim=-1)  # [B,G]
@@ -109,16 +114,17 @@ def _kvectors_from_bounds(cell: torch.Tensor, bounds: torch.Tensor,
     kpad = int(counts.max()) if counts.numel() > 0 else 0
     # stable sort puts the kept entries first in each row
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True)[1][:, :kpad]  # [B,K]
-    mask = torch.gather(keep, 1, order)
-    n_sel = grid[order] * mask.unsqueeze(-1).to(torch.int64)  # padding → n = 0, k = 0
+    keep_sorted = torch.gather(keep, 1, order)
+    n_sel = (grid[order] * keep_sorted.unsqueeze(-1).to(torch.int64)).to(target)  # padding → n = 0, k = 0
+    mask = keep_sorted.to(target)
     # differentiable w.r.t. the cell: k = 2π n (cell⁻¹)ᵀ
     recip_grad = 2.0 * math.pi * torch.linalg.inv(cell).transpose(1, 2)
     kvecs = torch.einsum("bka,bac->bkc", n_sel.to(cell.dtype), recip_grad)
     return kvecs, mask
 
 
-def converged_kvectors(cell: torch.Tensor,
-                       kmax: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def converged_kvectors(cell: torch.Tensor, kmax: Union[float, torch.Tensor],
+                       host_cell: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """All reciprocal vectors with 0 < |k| ≤ kmax, one of each ±k pair, padded per structure.
 
     Args:
@@ -129,16 +135,18 @@ def converged_kvectors(cell: torch.Tensor,
         kvecs [B,K,3] (padding entries are 0) and mask [B,K] bool. Differentiable w.r.t. cell.
 
     Since n_a = k·a_a/(2π), |k| ≤ kmax implies |n_a| ≤ kmax·|a_a|/(2π): the integer ranges are
-    exact for any cell shape.
+    exact for any cell shape. `host_cell` (a CPU copy of cell) moves the selection to the host,
+    so that an accelerator is not synchronised to size the set.
     """
+    select = cell.detach() if host_cell is None else host_cell.detach()
     if isinstance(kmax, torch.Tensor):
-        kmax_t = kmax.detach().to(device=cell.device, dtype=torch.float64).expand(cell.shape[0])
+        kmax_t = kmax.detach().to(device=select.device, dtype=torch.float64).expand(cell.shape[0])
     else:
         kmax_t = torch.full((cell.shape[0],), float(kmax), dtype=torch.float64,
-                            device=cell.device)
-    lengths = torch.linalg.norm(cell.detach().to(torch.float64), dim=-1)  # [B,3] |a_a|
+                            device=select.device)
+    lengths = torch.linalg.norm(select.to(torch.float64), dim=-1)  # [B,3] |a_a|
     bounds = torch.floor(kmax_t.unsqueeze(1) * lengths / (2.0 * math.pi) + 1e-6).to(torch.int64)
-    return _kvectors_from_bounds(cell, bounds, kmax_t * kmax_t)
+    return _kvectors_from_bounds(cell, bounds, kmax_t * kmax_t, select)
 
 
 def les_kvectors(cell: torch.Tensor, dl: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -197,13 +205,19 @@ def smooth_taper(k: torch.Tensor, start: float, end: float) -> torch.Tensor:
     return 1.0 - x * x * x * (10.0 - 15.0 * x + 6.0 * x * x)
 
 
-def _padded_layout(batch: torch.Tensor, num_structures: int) -> Tuple[torch.Tensor, int]:
+def _padded_layout(batch: torch.Tensor, num_structures: int,
+                   host_num_atoms: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
     """Flat index b·N_max + (position of the atom within its structure) [N], and N_max.
 
-    Works for any order of `batch` (a stable sort gives each atom its slot).
+    Works for any order of `batch` (a stable sort gives each atom its slot). `host_num_atoms`
+    [B] (a CPU copy of the atoms per structure) sizes the layout without a device sync.
     """
-    counts = torch.bincount(batch, minlength=num_structures)
-    nmax = int(counts.max()) if counts.numel() > 0 else 0
+    if host_num_atoms is not None:
+        nmax = int(host_num_atoms.max()) if host_num_atoms.numel() > 0 else 0
+        counts = host_num_atoms.to(batch.device)
+    else:
+        counts = torch.bincount(batch, minlength=num_structures)
+        nmax = int(counts.max()) if counts.numel() > 0 else 0
     start = torch.cumsum(counts, 0) - counts
     order = torch.sort(batch, stable=True)[1]
     slot = torch.empty_like(batch)
@@ -308,7 +322,8 @@ def reciprocal_site_fields(positions: torch.Tensor, batch: torch.Tensor, cell: t
                            q: torch.Tensor, mu: Optional[torch.Tensor],
                            theta: Optional[torch.Tensor], beta: float, kvecs: torch.Tensor,
                            kmask: torch.Tensor, need_gradient: bool = False,
-                           chunk_size: int = 0, taper_start: float = 0.0, taper_end: float = 0.0
+                           chunk_size: int = 0, taper_start: float = 0.0, taper_end: float = 0.0,
+                           host_num_atoms: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Reciprocal-space potential, field and (optionally) field gradient at every site.
 
@@ -320,7 +335,8 @@ def reciprocal_site_fields(positions: torch.Tensor, batch: torch.Tensor, cell: t
         (computed from the same ``cell`` if stress is needed);
         need_gradient: also return G [N,3,3];
         chunk_size: k-vectors per chunk (≤ 0: automatic, about 2^20 elements per
-        [B, N_max, K_chunk] intermediate).
+        [B, N_max, K_chunk] intermediate);
+        host_num_atoms [B]: CPU copy of the atoms per structure (no device sync), or None.
 
     Returns:
         phi [N] V, field [N,3] V/Å, G [N,3,3] V/Å² or None — from all sources of the atom's
@@ -335,7 +351,7 @@ def reciprocal_site_fields(positions: torch.Tensor, batch: torch.Tensor, cell: t
     num_out = 13 if need_gradient else 4
     out = torch.zeros((num_atoms, num_out), dtype=positions.dtype, device=positions.device)
     if num_k > 0 and num_atoms > 0:
-        flat, nmax = _padded_layout(batch, num_structures)
+        flat, nmax = _padded_layout(batch, num_structures, host_num_atoms)
         pos_pad = _to_padded(positions, flat, num_structures, nmax)
         moments = _to_padded(_source_moments(q, mu, theta), flat, num_structures, nmax)
         weights = _kspace_weights(cell, kvecs, kmask, beta, taper_start=taper_start,
@@ -373,7 +389,8 @@ def reciprocal_energy(positions: torch.Tensor, batch: torch.Tensor, cell: torch.
                       q: torch.Tensor, mu: Optional[torch.Tensor], theta: Optional[torch.Tensor],
                       beta: float, kvecs: torch.Tensor, kmask: torch.Tensor,
                       chunk_size: int = 0, taper_start: float = 0.0,
-                      taper_end: float = 0.0) -> torch.Tensor:
+                      taper_end: float = 0.0, host_num_atoms: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """E_rec [B] = (1/(2 ε0 V)) Σ_{k≠0} exp(−k²/(4β²))/k² |S(k)|² (eV), self-image included.
 
     Same arguments as :func:`reciprocal_site_fields` (including the taper); equals
@@ -385,7 +402,7 @@ def reciprocal_energy(positions: torch.Tensor, batch: torch.Tensor, cell: torch.
     num_k = kvecs.shape[1]
     if num_k == 0 or positions.shape[0] == 0:
         return energy
-    flat, nmax = _padded_layout(batch, num_structures)
+    flat, nmax = _padded_layout(batch, num_structures, host_num_atoms)
     pos_pad = _to_padded(positions, flat, num_structures, nmax)
     moments = _to_padded(_source_moments(q, mu, theta), flat, num_structures, nmax)
     weights = _kspace_weights(cell, kvecs, kmask, beta, taper_start=taper_start,

@@ -34,13 +34,15 @@ def _fractional(positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor
 
 def polarization(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                  batch: torch.Tensor, charges: torch.Tensor,
-                 dipoles: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Total dipole / polarization per structure [B,3] in e·Å (see module docstring)."""
+                 dipoles: Optional[torch.Tensor] = None,
+                 host_pbc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Total dipole / polarization per structure [B,3] in e·Å (see module docstring).
+    host_pbc: a CPU copy of pbc, to route without a device sync."""
     b = cell.shape[0]
     periodic = pbc.any(dim=1)
     open_atoms = (~periodic[batch]).to(positions.dtype).unsqueeze(-1)
     p = segment_sum(charges.unsqueeze(-1) * positions * open_atoms, batch, b)
-    if bool(periodic.any()):
+    if bool((pbc if host_pbc is None else host_pbc).any()):
         s = _fractional(positions, cell, batch, periodic)
         phase = torch.sin(2.0 * math.pi * s) / (2.0 * math.pi)
         per_dir = torch.where(pbc[batch], phase, s) * (1.0 - open_atoms)   # [N,3]
@@ -62,10 +64,12 @@ def _grad(output: torch.Tensor, positions: torch.Tensor, create_graph: bool) -> 
 def born_effective_charges(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                            batch: torch.Tensor, charges: torch.Tensor,
                            dipoles: Optional[torch.Tensor] = None,
-                           create_graph: bool = False) -> torch.Tensor:
+                           create_graph: bool = False,
+                           host_pbc: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Z*[i, c, b] = ∂P_c/∂r_ib in e (latent units), [N,3,3].
 
     `charges` and `dipoles` must be differentiable functions of `positions` (or constants).
+    host_pbc: a CPU copy of pbc, to route without a device sync.
     """
     if not positions.requires_grad:
         raise ValueError("born_effective_charges: 'positions' must require grad "
@@ -74,11 +78,12 @@ def born_effective_charges(positions: torch.Tensor, cell: torch.Tensor, pbc: tor
     periodic = pbc.any(dim=1)
     open_atoms = (~periodic[batch]).to(positions.dtype)
     z = positions.new_zeros(n, 3, 3)
-    if bool((~periodic).any()):
+    host_periodic = (pbc if host_pbc is None else host_pbc).any(dim=1)
+    if bool((~host_periodic).any()):
         for c in range(3):
             total = (charges * positions[:, c] * open_atoms).sum()
             z[:, c, :] = z[:, c, :] + _grad(total, positions, create_graph) * open_atoms.unsqueeze(-1)
-    if bool(periodic.any()):
+    if bool(host_periodic.any()):
         s = _fractional(positions, cell, batch, periodic)
         theta = 2.0 * math.pi * s
         weight = 1.0 - open_atoms

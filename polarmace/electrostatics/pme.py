@@ -303,8 +303,8 @@ def _influence_uncached(cell: Tensor, beta: float, mesh: List[int], order: int) 
 
 
 @torch.jit.unused
-def _influence_cached(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
-    key = (cell.detach().cpu().numpy().tobytes(), float(beta), int(mesh[0]), int(mesh[1]),
+def _influence_cached(cell: Tensor, host_cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
+    key = (host_cell.detach().to(torch.float64).numpy().tobytes(), float(beta), int(mesh[0]), int(mesh[1]),
            int(mesh[2]), order, cell.dtype, cell.device)
     # two entries: enough for a fixed cell (MD, inference) or two alternating ones, and a
     # bounded memory cost when the cell changes every call (a large mesh's table is MBs)
@@ -312,18 +312,24 @@ def _influence_cached(cell: Tensor, beta: float, mesh: List[int], order: int) ->
                      lambda: _influence_uncached(cell.detach(), beta, mesh, order))
 
 
-def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int) -> Tensor:
+def influence_function(cell: Tensor, beta: float, mesh: List[int], order: int,
+                       host_cell: Optional[Tensor] = None) -> Tensor:
     """θ(m) on the rfft half-spectrum, [B, K1, K2, K3//2+1], including the 1/(ε0 V) factor.
 
     Differentiable with respect to the cell. k² = Σ_cd g_cd m_c m_d with the reciprocal metric
     g = (2π)² cell⁻¹ cell⁻ᵀ is assembled from K1×K2 partial sums (few full-mesh operations).
     In eager mode a cell that needs no gradient (MD and inference at fixed cell) reuses the
-    table of the last two cells; the cell-independent factors are always reused. On an
-    accelerator the table is recomputed: keying it by the cell's values would copy the cell to
-    the host and wait for the device on every call."""
-    if torch.jit.is_scripting() or cell.requires_grad or cell.device.type != "cpu":
+    table of the last two cells, keyed by the values of `host_cell` (a CPU copy of cell) or, on
+    the CPU, of cell itself; the cell-independent factors are always reused. On an accelerator
+    without a host copy the table is recomputed: keying it by the cell's values would copy the
+    cell to the host and wait for the device on every call."""
+    if torch.jit.is_scripting() or cell.requires_grad:
         return _influence_uncached(cell, beta, mesh, order)
-    return _influence_cached(cell, beta, mesh, order)
+    if host_cell is not None:
+        return _influence_cached(cell, host_cell, beta, mesh, order)
+    if cell.device.type != "cpu":
+        return _influence_uncached(cell, beta, mesh, order)
+    return _influence_cached(cell, cell, beta, mesh, order)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,7 +546,7 @@ def _check(order: int, mu: Optional[Tensor], theta: Optional[Tensor], need_gradi
 
 def _mesh_potential(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
                     mu: Optional[Tensor], theta: Optional[Tensor], beta: float, mesh: List[int],
-                    order: int, dgather: int, chunk_size: int
+                    order: int, dgather: int, chunk_size: int, host_cell: Optional[Tensor] = None
                     ) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Spread the multipoles on the mesh and convolve: (perm, table, idx, tmat, grid, potential).
 
@@ -564,7 +570,7 @@ def _mesh_potential(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
             theta_s = theta.index_select(0, perm)
     coef = _spread_coefficients(q_s, mu_s, theta_s, tmat, dspread)
     grid = _spread(coef, table, idx, nb * mesh[0] * mesh[1] * mesh[2], chunk_size)
-    infl = influence_function(cell, beta, mesh, order)
+    infl = influence_function(cell, beta, mesh, order, host_cell)
     pot = _convolve(grid, infl, mesh)
     return perm, table, idx, tmat, grid, pot
 
@@ -572,7 +578,8 @@ def _mesh_potential(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
 def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
                     mu: Optional[Tensor], theta: Optional[Tensor], beta: float,
                     mesh: List[int], order: int = 6, need_gradient: bool = False,
-                    chunk_size: int = 0) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                    chunk_size: int = 0, host_cell: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Reciprocal-space potential, field and (optionally) field gradient at every site.
 
     Args:
@@ -584,6 +591,7 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
         order: B-spline order (≥ 3 charges, ≥ 4 dipoles, ≥ 5 quadrupoles / field gradient).
         need_gradient: also return G = −∇∇φ.
         chunk_size: sites per stencil chunk (0: automatic, ≈ 2M stencil entries per chunk).
+        host_cell: a CPU copy of cell (keys the cached influence function without a device sync).
 
     Returns:
         phi [N] V, field [N,3] V/Å, G [N,3,3] V/Å² or None — the values of the exact k ≠ 0 sum
@@ -593,7 +601,8 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
     dgather = 2 if need_gradient else 1
     perm, table, idx, tmat, grid, pot = _mesh_potential(positions, batch, cell, q, mu, theta, beta,
-                                                        [k1, k2, k3], order, dgather, chunk_size)
+                                                        [k1, k2, k3], order, dgather, chunk_size,
+                                                        host_cell)
     r = _gather(pot, table, idx, dgather)  # [N, D, D, D] (sorted sites)
     dim = dgather + 1
     # one gather of the needed entries (cheap backward) instead of many r[:, a, b, c] selects
@@ -624,7 +633,8 @@ def pme_site_fields(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
 
 def pme_energy(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
                mu: Optional[Tensor], theta: Optional[Tensor], beta: float,
-               mesh: List[int], order: int = 6, chunk_size: int = 0) -> Tensor:
+               mesh: List[int], order: int = 6, chunk_size: int = 0,
+               host_cell: Optional[Tensor] = None) -> Tensor:
     """Reciprocal energy per structure [B] (eV) = ½ Σ_i (q φ − μ·E − ½ Θ:G), self image included.
 
     Computed as ½ Σ_l Q(l) φ_mesh(l), which equals the site-field expression exactly (the gather
@@ -633,7 +643,7 @@ def pme_energy(positions: Tensor, batch: Tensor, cell: Tensor, q: Tensor,
     k1, k2, k3 = int(mesh[0]), int(mesh[1]), int(mesh[2])
     nb = cell.shape[0]
     _, _, _, _, grid, pot = _mesh_potential(positions, batch, cell, q, mu, theta, beta,
-                                            [k1, k2, k3], order, 0, chunk_size)
+                                            [k1, k2, k3], order, 0, chunk_size, host_cell)
     return 0.5 * (grid * pot).view(nb, -1).sum(1)
 
 

@@ -25,6 +25,47 @@ def _check_shape(name: str, x: torch.Tensor, shape: List[int]) -> None:
                          + ", expected " + expected)
 
 
+def validate_shapes(
+    positions: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    charges: torch.Tensor,
+    dipoles: Optional[torch.Tensor],
+    quadrupoles: Optional[torch.Tensor],
+    kappa: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    batch: torch.Tensor,
+    external_field: Optional[torch.Tensor],
+    total_charge: Optional[torch.Tensor],
+) -> None:
+    """Raise ValueError naming the first argument of the wrong shape or dtype (reads no values,
+    so it costs no device sync)."""
+    n = positions.shape[0] if positions.dim() > 0 else -1
+    _check_shape("positions", positions, [-1, 3])
+    _check_shape("cell", cell, [-1, 3, 3])
+    b = cell.shape[0]
+    _check_shape("pbc", pbc, [b, 3])
+    if pbc.dtype != torch.bool:
+        raise ValueError("electrostatics: 'pbc' must be a bool tensor, got " + str(pbc.dtype))
+    _check_shape("charges", charges, [n])
+    _check_shape("batch", batch, [n])
+    if dipoles is not None:
+        _check_shape("dipoles", dipoles, [n, 3])
+    if quadrupoles is not None:
+        _check_shape("quadrupoles", quadrupoles, [n, 3, 3])
+    if kappa is not None:
+        _check_shape("kappa", kappa, [n])
+    if alpha is not None:
+        if alpha.dim() == 1:
+            _check_shape("alpha", alpha, [n])
+        else:
+            _check_shape("alpha", alpha, [n, 3, 3])
+    if external_field is not None:
+        _check_shape("external_field", external_field, [b, 3])
+    if total_charge is not None:
+        _check_shape("total_charge", total_charge, [b])
+
+
 def validate_inputs(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -39,20 +80,13 @@ def validate_inputs(
     total_charge: Optional[torch.Tensor],
 ) -> None:
     """Raise ValueError naming the first argument that is malformed or unphysical."""
-    n = positions.shape[0] if positions.dim() > 0 else -1
-    _check_shape("positions", positions, [-1, 3])
-    _check_shape("cell", cell, [-1, 3, 3])
+    validate_shapes(positions, cell, pbc, charges, dipoles, quadrupoles, kappa, alpha, batch,
+                    external_field, total_charge)
+    n = positions.shape[0]
     b = cell.shape[0]
-    _check_shape("pbc", pbc, [b, 3])
-    if pbc.dtype != torch.bool:
-        raise ValueError("electrostatics: 'pbc' must be a bool tensor, got " + str(pbc.dtype))
-    _check_shape("charges", charges, [n])
-    _check_shape("batch", batch, [n])
     if dipoles is not None:
-        _check_shape("dipoles", dipoles, [n, 3])
         _check_finite("dipoles", dipoles)
     if quadrupoles is not None:
-        _check_shape("quadrupoles", quadrupoles, [n, 3, 3])
         _check_finite("quadrupoles", quadrupoles)
         scale = quadrupoles.abs().amax(dim=(1, 2)) + 1e-12
         trace = torch.diagonal(quadrupoles, dim1=1, dim2=2).sum(-1).abs()
@@ -64,23 +98,16 @@ def validate_inputs(
         if bool((asym > tol * scale).any()):
             raise ValueError("electrostatics: 'quadrupoles' must be symmetric")
     if kappa is not None:
-        _check_shape("kappa", kappa, [n])
         _check_finite("kappa", kappa)
         if bool((kappa < 0).any()):
             raise ValueError("electrostatics: 'kappa' (charge softness) must be >= 0; min = "
                              + str(float(kappa.min())))
     if alpha is not None:
-        if alpha.dim() == 1:
-            _check_shape("alpha", alpha, [n])
-        else:
-            _check_shape("alpha", alpha, [n, 3, 3])
         _check_finite("alpha", alpha)
         _check_polarizability(alpha)
     if external_field is not None:
-        _check_shape("external_field", external_field, [b, 3])
         _check_finite("external_field", external_field)
     if total_charge is not None:
-        _check_shape("total_charge", total_charge, [b])
         _check_finite("total_charge", total_charge)
     _check_finite("positions", positions)
     _check_finite("charges", charges)
@@ -90,10 +117,10 @@ def validate_inputs(
             raise ValueError("electrostatics: 'batch' indices must lie in [0, " + str(b) + ")")
         if bool((batch[1:] < batch[:-1]).any()):
             raise ValueError("electrostatics: 'batch' must be sorted (atoms of a structure contiguous)")
-    _check_cell(cell, pbc)
+    check_cell(cell, pbc)
 
 
-def _check_cell(cell: torch.Tensor, pbc: torch.Tensor) -> None:
+def check_cell(cell: torch.Tensor, pbc: torch.Tensor) -> None:
     """Periodic directions need real lattice vectors; supported: 3D periodic, slab (T,T,F), open."""
     any_periodic = pbc.any(dim=1)
     slab = pbc[:, 0] & pbc[:, 1] & ~pbc[:, 2]

@@ -179,24 +179,35 @@ class MACETrunk(nn.Module):
         self.node_features_irreps = o3.Irreps(sum((list(ir) for ir in self.layer_irreps), []))
 
     # ------------------------------------------------------------------------------------------
-    def _edge_layout(self, receiver: torch.Tensor, sender: torch.Tensor, num_nodes: int
+    def num_edge_chunks(self, receiver_degree: torch.Tensor) -> int:
+        """Chunks of the padded edge layout, Σ_i ceil(deg_i / edge_chunk), from the edges per
+        centre atom [N] (a host tensor: no device sync)."""
+        k0 = self.edge_chunk
+        return int(torch.div(receiver_degree + (k0 - 1), k0, rounding_mode="floor").sum())
+
+    def _edge_layout(self, receiver: torch.Tensor, sender: torch.Tensor, num_nodes: int,
+                     num_chunks: Optional[int] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chunked, receiver-sorted edge slots.
 
         Returns (order, slot, chunk_node, sender_pad): edge order[e'] goes to slot[e'] of the
         padded layout [num_chunks * chunk]; chunk_node[k] is the receiver of chunk k; sender_pad the
-        sender of every slot (0 for padding).
+        sender of every slot (0 for padding). `num_chunks` (see `num_edge_chunks`) given, the
+        layout's size is known on the host and building it needs no device sync.
         """
         k0 = self.edge_chunk
         order = torch.argsort(receiver, stable=True)
         recv = receiver.index_select(0, order)
-        deg = torch.bincount(recv, minlength=num_nodes)
+        # scatter-add rather than bincount: bincount's output size depends on the data
+        deg = torch.zeros(num_nodes, dtype=recv.dtype, device=recv.device).index_add_(
+            0, recv, torch.ones_like(recv))
         nch = torch.div(deg + (k0 - 1), k0, rounding_mode="floor")
         first_chunk = torch.cumsum(nch, 0) - nch
         first_edge = torch.cumsum(deg, 0) - deg
         rank = torch.arange(recv.shape[0], device=recv.device) - first_edge.index_select(0, recv)
         slot = (first_chunk.index_select(0, recv) + torch.div(rank, k0, rounding_mode="floor")) * k0 + rank % k0
-        chunk_node = torch.repeat_interleave(torch.arange(num_nodes, device=recv.device), nch)
+        chunk_node = torch.repeat_interleave(torch.arange(num_nodes, device=recv.device), nch,
+                                             output_size=num_chunks)
         if chunk_node.shape[0] == 0:  # no edges at all: one empty chunk
             chunk_node = torch.zeros(1, dtype=torch.long, device=recv.device)
         nslots = chunk_node.shape[0] * k0
@@ -205,17 +216,31 @@ class MACETrunk(nn.Module):
         return order, slot, chunk_node, sender_pad
 
     def forward(self, atomic_numbers: torch.Tensor, edge_index: torch.Tensor, vectors: torch.Tensor,
-                batch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                batch: Optional[torch.Tensor] = None, element_counts: Optional[List[int]] = None,
+                num_chunks: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Node features [N, F] and node energies [N] (before scale and shift).
+
+        `element_counts` (atoms of each model element, in `elements` order) and `num_chunks`
+        (`num_edge_chunks` of the edges per centre atom) are host-side facts of the batch; given
+        both, the atomic numbers are taken as already validated and the forward pass reads
+        nothing back from the device. Without them they are computed here (device syncs).
+        """
         n = atomic_numbers.shape[0]
-        elem = self.mapping(atomic_numbers)
+        if element_counts is None:
+            elem = self.mapping(atomic_numbers)
+            counts: List[int] = torch.bincount(elem, minlength=self.num_elements).tolist()
+        else:
+            elem = self.mapping.table.index_select(0, atomic_numbers.long())
+            counts = element_counts
         perm = torch.argsort(elem, stable=True)  # sorted position -> original atom
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n, device=perm.device)
-        counts: List[int] = torch.bincount(elem, minlength=self.num_elements).tolist()
         elem_sorted = elem.index_select(0, perm)
         receiver = inv.index_select(0, edge_index[0])
         sender = inv.index_select(0, edge_index[1])
-        order, slot, chunk_node, sender_pad = self._edge_layout(receiver, sender, n)
+        if num_chunks is not None and num_chunks == 0:
+            num_chunks = None  # no edges: _edge_layout's one empty chunk
+        order, slot, chunk_node, sender_pad = self._edge_layout(receiver, sender, n, num_chunks)
         nslots = sender_pad.shape[0]
         # padded vectors: dummy slots sit at 2 r_max (radial features and weights exactly zero)
         fill = torch.zeros(nslots, 3, dtype=vectors.dtype, device=vectors.device)
