@@ -192,11 +192,22 @@ class ModelConfig:
                 _check(e in known, f"{s}.e0s.{e}", f"unknown element symbol {e!r}")
 
 
+#: Charge readout scale when `long_range.readout_scales.charges` is null: models with a response
+#: step need charges of order 1 e at init, or the one-step response learns α → 0 and stays inert
+#: (Drude NaCl, uiu, 40 epochs at 0.1: α < 0.001 Å³ and no gain over les; at 1.0: α(Cl) 1.5 Å³,
+#: force RMSE −7 % against les; benchmarks/results/accuracy_nacl_melt_drude_recipe/).
+RESPONSE_CHARGE_SCALE = 1.0
+#: ... and without a response step (les, u, uQ; the quickstart's recipe).
+PERMANENT_CHARGE_SCALE = 0.1
+
+
 @dataclass
 class ReadoutScales:
     """`long_range.readout_scales:` initial scale of each latent readout (small at init)."""
 
-    charges: float = 0.1
+    #: null = RESPONSE_CHARGE_SCALE (1.0) when induced charges or dipoles are on, else
+    #: PERMANENT_CHARGE_SCALE (0.1); resolved by LongRangeConfig.
+    charges: Optional[float] = None
     dipoles: float = 0.1
     quadrupoles: float = 0.1
     #: Charge softness κ (induced charges).
@@ -206,7 +217,8 @@ class ReadoutScales:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check(getattr(self, f.name) >= 0, f"long_range.readout_scales.{f.name}", "must be >= 0")
+            value = getattr(self, f.name)
+            _check(value is None or value >= 0, f"long_range.readout_scales.{f.name}", "must be >= 0")
 
 
 @dataclass
@@ -259,6 +271,9 @@ class LongRangeConfig:
         for flag in MULTIPOLE_FLAGS:
             if getattr(self, flag) is None:
                 setattr(self, flag, flag in preset)
+        if self.readout_scales.charges is None:
+            response = self.induced_charges or self.induced_dipoles
+            self.readout_scales.charges = RESPONSE_CHARGE_SCALE if response else PERMANENT_CHARGE_SCALE
         _check(self.sigma > 0, f"{s}.sigma", f"must be > 0, got {self.sigma}")
         _check(0 < self.accuracy < 1, f"{s}.accuracy", f"must be in (0, 1), got {self.accuracy}")
         _check(self.dl > 0, f"{s}.dl", f"must be > 0, got {self.dl}")

@@ -191,3 +191,14 @@ def test_yaml_file_round_trip_and_file_errors(tmp_path):
 def test_stage_two_is_off_by_default():
     stage = load_config({}).training.stage_two
     assert not stage.enabled and stage.resolve_start(100) is None
+
+
+@pytest.mark.parametrize("variant,expected", [("sr", 0.1), ("les", 0.1), ("u", 0.1), ("uQ", 0.1),
+                                              ("uiq", 1.0), ("uiu", 1.0), ("uQiqiu", 1.0)])
+def test_charge_readout_scale_default_follows_the_response(variant, expected):
+    """Charges of order 1 e at init for models with a response step (else α → 0 in training)."""
+    assert load_config({"long_range": {"variant": variant}}).long_range.readout_scales.charges == expected
+    explicit = {"long_range": {"variant": variant, "readout_scales": {"charges": 0.3}}}
+    assert load_config(explicit).long_range.readout_scales.charges == 0.3
+    custom = {"long_range": {"variant": "custom", "charges": True, "induced_dipoles": True}}
+    assert load_config(custom).long_range.readout_scales.charges == 1.0
