@@ -74,7 +74,7 @@ def make_water(args: argparse.Namespace) -> None:
     periodic = amoeba_water.generate_periodic(args.out / "water_amoeba_periodic.extxyz",
                                               seed=args.seed, progress=not args.no_progress, **kw_p)
     clusters = amoeba_water.generate_clusters(args.out / "water_amoeba_clusters.extxyz",
-                                              seed=args.seed, **kw_c)
+                                              seed=args.seed, progress=not args.no_progress, **kw_c)
     logging.info("AMOEBA water: periodic=%s clusters=%s", periodic, clusters)
 
 

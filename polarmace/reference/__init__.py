@@ -2,6 +2,8 @@
 
 `xtb_nacl`: GFN2-xTB (tblite) charged NaCl clusters with dipoles, BEC and polarizabilities.
 `amoeba_water`: AMOEBA (OpenMM) periodic water and water clusters with dipoles and BEC.
-Both are optional dependencies; these modules import them lazily. Driven by
+`openmm_ions`: NaCl rigid-ion and Drude melts (OpenMM) with exactly known charges and BEC.
+`chunk_writer`: the resumable, atomically written output all three generators share.
+tblite and OpenMM are optional dependencies; these modules import them lazily. Driven by
 `scripts/make_reference_data.py`.
 """

@@ -92,16 +92,7 @@ from .amoeba_constants import DEFAULT_TEMPERATURES, KJ_PER_MOL_IN_EV, LABEL_EPSI
 from .amoeba_constants import PathLike as _PathLike
 from .amoeba_sampler import _MDSettings, _Sampler, _seed, built_water_box, cut_cluster, water_box, whole_molecules
 from .amoeba_system import AmoebaWater, _openmm, born_effective_charges
-from .amoeba_writer import (
-    _check_count,
-    _complete_frames,
-    _labels_ok,
-    _load_checkpoint,
-    _progress,
-    _read_frame,
-    _save_checkpoint,
-    _write_frame,
-)
+from .chunk_writer import append_frame, complete_frames, load_checkpoint, progress_bar, read_frame, save_checkpoint
 
 __all__ = ["generate_periodic", "generate_clusters", "AmoebaWater", "born_effective_charges",
            "cut_cluster", "water_box", "built_water_box", "KJ_PER_MOL_IN_EV", "LABEL_EPSILON", "SOURCE"]
@@ -109,6 +100,38 @@ __all__ = ["generate_periodic", "generate_clusters", "AmoebaWater", "born_effect
 log = logging.getLogger(__name__)
 
 
+def _complete_frames(path: Path, n_atoms: Optional[int] = None) -> int:
+    """Complete frames of an output file (whole water molecules; a torn last frame is cut off)."""
+    return complete_frames(path, n_atoms, atoms_per_molecule=3)
+
+
+def _read_frame(path: Path, index: int):
+    return read_frame(path, index, SOURCE)
+
+
+def _write_frame(path: Path, positions: np.ndarray, cell: Optional[np.ndarray], info: Dict, arrays: Dict) -> None:
+    """Append one water frame (OH2 per molecule; open when `cell` is None) with its labels."""
+    from ase import Atoms
+
+    n_molecules = len(positions) // 3
+    atoms = Atoms("OH2" * n_molecules, positions=positions, cell=cell if cell is not None else np.zeros((3, 3)),
+                  pbc=cell is not None)
+    atoms.info.update(info)
+    for key, value in arrays.items():
+        atoms.arrays[key] = np.asarray(value, dtype=np.float64)
+    append_frame(path, atoms)
+
+
+def _labels_ok(labels: Dict[str, np.ndarray], max_force: float) -> bool:
+    """Finite labels and no force component above `max_force` (eV/Å)."""
+    finite = all(np.all(np.isfinite(np.asarray(v))) for v in labels.values())
+    return finite and float(np.abs(labels["forces"]).max()) <= max_force
+
+
+def _check_count(n_configs: int) -> int:
+    if isinstance(n_configs, bool) or int(n_configs) != n_configs or n_configs < 1:
+        raise ValueError(f"n_configs must be a positive integer, got {n_configs!r}")
+    return int(n_configs)
 
 
 class _Driver:
@@ -137,7 +160,7 @@ class _Driver:
         """Build the MD at frame `self.done`: checkpoint, else `restart_positions`, else the box."""
         s = self.settings
         k = self.done
-        state = _load_checkpoint(self.path, k, self.signature) if k > 0 else None
+        state = load_checkpoint(self.path, k, self.signature) if k > 0 else None
         positions = self.box if (state is not None or restart_positions is None) else restart_positions
         self.sampler = _Sampler(positions, self.cell, s, _seed(self.seed, k, 1))
         if state is not None:
@@ -175,7 +198,7 @@ class _Driver:
             return self.path
         last_good = self.sampler.checkpoint()
         rejects, retry = 0, False
-        bar = _progress(self.n_configs, self.done, desc, progress)
+        bar = progress_bar(self.n_configs, self.done, desc, progress)
         try:
             k = self.done
             while k < end:
@@ -200,7 +223,7 @@ class _Driver:
                 info.update(total_charge=0.0, temperature=temperature, source=SOURCE)
                 _write_frame(self.path, positions, cell, info, arrays)
                 last_good = self.sampler.checkpoint()
-                _save_checkpoint(self.path, k + 1, last_good, self.signature)
+                save_checkpoint(self.path, k + 1, last_good, self.signature)
                 retry = False
                 k += 1
                 bar.update(1)

@@ -46,15 +46,15 @@ Units: OpenMM works in nm, kJ/mol, e; conversion only at the OpenMM boundary
 kJ·nm/mol/e²) equals `polarmace.units.COULOMB` to 1e-16 after conversion.
 
 Work is split into independent, seeded chunks (one trajectory at one condition each) written
-atomically, so a killed run resumes at the first missing chunk and several worker processes give
-the same data as one (OpenMM's CPU platform with one thread is deterministic).
+atomically (`polarmace.reference.chunk_writer`), so a killed run resumes at the first missing
+chunk and several worker processes give the same data as one (OpenMM's CPU platform with one
+thread is deterministic).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,6 +63,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from polarmace.reference.amoeba_constants import ANGSTROM_PER_NM, KJ_PER_MOL_IN_EV
+from polarmace.reference.chunk_writer import check_plan, run_chunks, write_text
 from polarmace.units import COULOMB
 
 __all__ = ["IonModel", "RIGID", "DRUDE", "MeltPlan", "IonEngine", "IonSampler", "build_system",
@@ -746,14 +747,8 @@ def _frame_text(frame: Dict) -> str:
 
 
 def write_frames(path: Path, frames: Sequence[Dict]) -> None:
-    """Write frames atomically: the file exists only once it is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as fh:
-        for frame in frames:
-            fh.write(_frame_text(frame))
-    os.replace(tmp, path)
+    """Write frames atomically (`chunk_writer.write_text`): the file exists only once it is complete."""
+    write_text(Path(path), (_frame_text(frame) for frame in frames))
 
 
 def read_frames(path: Path):
@@ -799,41 +794,25 @@ def generate_melt(out_path: Path, plan: Optional[MeltPlan] = None, progress: boo
     `stop_after` computes at most that many missing chunks in this call (then returns without
     writing `out_path`): an interrupted run, for tests. Returns `out_path`.
     """
-    from tqdm.auto import tqdm
-
     plan = plan or MeltPlan()
     out_path = Path(out_path)
     chunk_dir = Path(chunk_dir) if chunk_dir is not None else out_path.with_name(out_path.name + ".chunks")
     chunk_dir.mkdir(parents=True, exist_ok=True)
     sizes = plan.sizes()
     paths = [chunk_dir / f"chunk_{c:03d}.extxyz" for c in range(len(sizes))]
-    _check_signature(chunk_dir, plan)
-    todo = [(plan, c, paths[c]) for c in range(len(sizes)) if not paths[c].exists() and sizes[c] > 0]
-    if stop_after is not None:
-        todo = todo[: int(stop_after)]
-    done = sum(s for s, p in zip(sizes, paths) if p.exists())
-    bar = tqdm(total=plan.frames, initial=done, desc=f"NaCl {plan.model.name} melt", unit="frame",
-               disable=not progress)
-    try:
-        if workers > 1 and len(todo) > 1:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for n in pool.imap_unordered(_run_chunk, todo):
-                    bar.update(n)
-        else:
-            for job in todo:
-                bar.update(_run_chunk(job))
-    finally:
-        bar.close()
-    if not all(p.exists() for s, p in zip(sizes, paths) if s > 0):
+    check_plan(chunk_dir, repr(plan))
+    jobs = [(plan, c, paths[c]) for c in range(len(sizes))]
+    if not run_chunks(paths, sizes, jobs, _run_chunk, f"NaCl {plan.model.name} melt", progress=progress,
+                      workers=workers, stop_after=stop_after):
         return out_path
     frames = [f for s, p in zip(sizes, paths) if s > 0 for f in _split_frames(p.read_text())]
-    _write_text(out_path, frames)
+    write_text(out_path, frames)
     if plan.bec_frames:
         # the BEC subset as a test set, the rest as a training set
         stem = out_path.name[: -len(out_path.suffix)] if out_path.suffix else out_path.name
         test = [" has_bec=T " in f.split("\n", 2)[1] for f in frames]
-        _write_text(out_path.with_name(f"{stem}_test{out_path.suffix}"), [f for f, t in zip(frames, test) if t])
-        _write_text(out_path.with_name(f"{stem}_train{out_path.suffix}"), [f for f, t in zip(frames, test) if not t])
+        write_text(out_path.with_name(f"{stem}_test{out_path.suffix}"), [f for f, t in zip(frames, test) if t])
+        write_text(out_path.with_name(f"{stem}_train{out_path.suffix}"), [f for f, t in zip(frames, test) if not t])
     log.info("%s: %d frames", out_path, plan.frames)
     return out_path
 
@@ -847,20 +826,3 @@ def _split_frames(text: str) -> List[str]:
         out.append("".join(lines[i:i + n + 2]))
         i += n + 2
     return out
-
-
-def _write_text(path: Path, frames: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as fh:
-        fh.writelines(frames)
-    os.replace(tmp, path)
-
-
-def _check_signature(chunk_dir: Path, plan: MeltPlan) -> None:
-    """Refuse to mix chunks of different plans in one folder."""
-    sig = chunk_dir / "plan.txt"
-    text = repr(plan)
-    if sig.exists() and sig.read_text() != text:
-        raise ValueError(f"{chunk_dir} holds chunks of a different plan; remove it or use another output")
-    if not sig.exists():
-        sig.write_text(text)

@@ -12,8 +12,9 @@ plus randomly distorted (displaced and scaled) copies of MD frames. A random 200
 subset additionally gets, by a finite electric field (±h along x, y, z: six extra single points),
     BEC[i, a, b] = ∂F_ib/∂E_a = ∂μ_a/∂r_ib   (e)
     α[a, b]      = ∂μ_a/∂E_b                  (Å³, i.e. α/(4πε0); μ = α E / k_e)
-Work is split into independent, seeded chunks written atomically (one extxyz file each), so a
-killed run resumes at the first missing chunk and several worker processes give the same data.
+Work is split into independent, seeded chunks written atomically (one extxyz file each, through
+`polarmace.reference.chunk_writer`), so a killed run resumes at the first missing chunk and
+several worker processes give the same data; a chunk folder of another plan is refused.
 
 Stored labels (eV, Å, e): info `energy`, `dipole` (e·Å about the coordinate origin, Σ q r
 convention, positions centred on their centroid), `total_charge` (1.0), `temperature`, `kind`
@@ -24,7 +25,6 @@ subset `BEC` (N×9, row-major [a, b]) and info `polarizability` (9 values, Å³)
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,8 @@ from ase.calculators.calculator import Calculator, CalculationFailed, all_change
 from ase.io import read, write
 
 from polarmace.units import BOHR, HARTREE
+
+from .chunk_writer import check_plan, run_chunks, write_atomic
 
 __all__ = ["NACL_SPACING", "cluster", "XTBCalculator", "field_response", "generate_nacl",
            "NaClPlan"]
@@ -249,7 +251,7 @@ def _pair_distances(positions: np.ndarray) -> np.ndarray:
 
 
 def _read_frames(path: Path) -> List[Atoms]:
-    """Every frame of a chunk file (complete by construction: see `_write_chunk`)."""
+    """Every frame of a chunk file (complete by construction: see `_write_chunk`), [] when absent."""
     if not path.exists():
         return []
     return [_labels_from_calc(atoms) for atoms in read(path, index=":", format="extxyz")]
@@ -268,13 +270,14 @@ def _labels_from_calc(atoms: Atoms) -> Atoms:
 
 
 def _write_chunk(path: Path, frames: Sequence[Atoms]) -> None:
-    """Write a finished chunk atomically: a chunk file exists only when it is complete."""
-    tmp = path.with_suffix(".partial")
-    if tmp.exists():
-        tmp.unlink()
-    for atoms in frames:
-        write(tmp, atoms, format="extxyz", append=True)
-    tmp.replace(path)
+    """Write frames atomically (`chunk_writer.write_atomic`): the file exists only once complete."""
+
+    def write_frames(tmp: Path) -> None:
+        tmp.touch()  # an empty set is an empty file
+        for atoms in frames:
+            write(tmp, atoms, format="extxyz", append=True)
+
+    write_atomic(path, write_frames)
 
 
 def _run_chunk(job: Tuple[str, NaClPlan, int, Path, Path, float]) -> int:
@@ -312,22 +315,9 @@ def _pool(plan: NaClPlan, chunk_dir: Path) -> List[Atoms]:
 def _run_stage(kind: str, plan: NaClPlan, count: int, sizes: Sequence[int], chunk_dir: Path,
                workers: int, progress: bool, field_step: float = 0.0) -> None:
     """Run every missing chunk of one stage, on `workers` processes, with a progress bar."""
-    from tqdm import tqdm
-
     paths = [chunk_dir / f"{kind}_{c:03d}.extxyz" for c in range(count)]
-    todo = [(kind, plan, c, paths[c], chunk_dir, field_step) for c in range(count) if not paths[c].exists()]
-    done = sum(size for c, size in enumerate(sizes) if paths[c].exists())
-    bar = tqdm(total=sum(sizes), initial=done, desc=f"NaCl xTB {kind}", unit="frame",
-               disable=not progress)
-    if workers > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            for n in pool.imap_unordered(_run_chunk, todo):
-                bar.update(n)
-    else:
-        for job in todo:
-            bar.update(_run_chunk(job))
-    bar.close()
+    jobs = [(kind, plan, c, paths[c], chunk_dir, field_step) for c in range(count)]
+    run_chunks(paths, sizes, jobs, _run_chunk, f"NaCl xTB {kind}", progress=progress, workers=workers)
     log.info("%s chunks done: %d frames", kind, sum(sizes))
 
 
@@ -342,7 +332,7 @@ def generate_nacl(out_dir: Path, plan: Optional[NaClPlan] = None, progress: bool
                   field_step: float = 0.02, workers: int = 1) -> Dict[str, Path]:
     """Generate (or resume) the NaCl xTB set; returns the paths of the train and test files.
 
-    out_dir/nacl_xtb_chunks/       one file per finished chunk (the unit of resumption)
+    out_dir/nacl_xtb_chunks/       one file per finished chunk (the unit of resumption), plan.txt
     out_dir/nacl_xtb_pool.extxyz   every sampled frame
     out_dir/nacl_xtb_test.extxyz   the test subset with BEC and polarizability
     out_dir/nacl_xtb_train.extxyz  the remaining frames
@@ -352,6 +342,7 @@ def generate_nacl(out_dir: Path, plan: Optional[NaClPlan] = None, progress: bool
     out_dir = Path(out_dir)
     chunk_dir = out_dir / "nacl_xtb_chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
+    check_plan(chunk_dir, repr((plan, float(field_step))))
     _run_stage("md", plan, plan.md_chunks, [plan.frames_per_chunk] * plan.md_chunks, chunk_dir,
                workers, progress)
     _run_stage("distorted", plan, plan.distorted_chunks,
