@@ -726,7 +726,7 @@ def choose_mesh(cell: Tensor, beta: float, accuracy: float = 1e-6, order: int = 
     accuracy, order, max_rank): the spline error at fractional frequency m_c/K_c depends on
     k·a_c/(2π K_c) ≤ |k| h/(2π), so the spacing is measured along the lattice vectors and the
     error is a function of h·β and the order only (calibrated table `_error_model`, verified
-    in tests/test_pme.py: observed error/accuracy 0.2–1.3 for pure charges, dipoles or
+    in tests/unit/electrostatics/test_pme.py: observed error/accuracy 0.2–1.3 for pure charges, dipoles or
     quadrupoles, ≈ 0.1–0.3 for mixtures, whose field is not all quadrupolar).
     Typical h·β at accuracy 1e-6: order 6 → 0.17 (charges), 0.15 (dipoles), 0.076
     (quadrupoles); order 8 → 0.28 / 0.25 / 0.19; order 10 → 0.36 / 0.32 / 0.27.
