@@ -421,10 +421,26 @@ def run_variant(job: Dict[str, Any]) -> Dict[str, Any]:
     return record
 
 
+def _exit_with_parent(parent: int, every: float = 2.0) -> None:
+    """In a worker process: exit when `parent` (the accuracy.py that spawned it) is gone, so that
+    killing the benchmark stops its trainings too (they resume from their last checkpoint)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        print(f"accuracy.py (pid {parent}) has gone: stopping worker {os.getpid()}", file=sys.__stderr__, flush=True)
+        os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _run_guarded(job: Dict[str, Any]) -> Dict[str, Any]:
     """run_variant, but a failing variant is reported instead of stopping the others."""
     import traceback
 
+    if job.get("parent_pid") is not None:
+        _exit_with_parent(int(job["parent_pid"]))
     try:
         return run_variant(job)
     except Exception as exc:  # noqa: BLE001 - reported in the table and results.json, not swallowed
@@ -579,6 +595,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        for job in todo:
+            job["parent_pid"] = os.getpid()
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             for job, res in zip(todo, pool.map(_run_guarded, todo)):
                 results[job["variant"]] = res

@@ -141,3 +141,46 @@ def test_end_to_end_two_variants_then_skip(tmp_path, capsys):
     assert (tmp_path / "out" / "accuracy.png").is_file()
     assert acc.main(argv) == 0  # resumable: both are skipped
     assert capsys.readouterr().out.count("results exist") == 2
+
+
+def test_worker_exits_when_the_benchmark_is_killed(tmp_path):
+    """Killing accuracy.py must not leave its spawned trainings running (they would hold the
+    run-directory lock and keep training): a worker watches its parent and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import importlib.util, os, sys, time\n"
+        f"spec = importlib.util.spec_from_file_location('acc', {str(ROOT / 'benchmarks' / 'accuracy.py')!r})\n"
+        "acc = importlib.util.module_from_spec(spec); spec.loader.exec_module(acc)\n"
+        "acc._exit_with_parent(os.getppid(), every=0.1)\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time\n"
+         f"c = subprocess.Popen([sys.executable, {str(child)!r}], stdout=subprocess.PIPE, text=True)\n"
+         "print(c.stdout.readline().strip(), flush=True)\n"
+         "time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 60
+    stat = f"/proc/{worker}/stat"
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+            # an exited orphan that nobody has reaped yet (a container's PID 1) is a zombie: gone
+            if os.path.exists(stat) and open(stat).read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker kept running after its parent was killed")
