@@ -411,6 +411,9 @@ def run_variant(job: Dict[str, Any]) -> Dict[str, Any]:
         "run_dir": str(run_dir), "model": str(result.model_path), "test_set": str(test_path),
         "config": cfg,
     }
+    summary = run_dir / "electrical.json"  # the trainer's learned-electrostatics summary (test split)
+    if summary.exists():
+        record["electrical"] = json.loads(summary.read_text())
     path = out / "results" / f"{variant}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(record, indent=1, default=str), path)
@@ -483,10 +486,33 @@ def format_table(results: Mapping[str, Mapping[str, Any]], variants: Sequence[st
     return "\n".join(lines) + "\n(" + UNITS_LINE + ")"
 
 
+def learned_lines(results: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> List[str]:
+    """Per variant, what it learned per element on the test split: mean latent charge q (e), isotropic
+    BEC against the reference (e) and polarizability α (Å³) where the model has them."""
+    lines = []
+    for v in order:
+        summary = results.get(v, {}).get("electrical")
+        if not summary:
+            continue
+        parts = []
+        for element, e in summary.get("elements", {}).items():
+            text = f"{element} q {e['charge_mean']:+.3f}"
+            if "bec_iso_mean_pred" in e:
+                text += f", BEC {e['bec_iso_mean_pred']:+.3f}"
+                if "bec_iso_mean_ref" in e:
+                    text += f" (ref {e['bec_iso_mean_ref']:+.3f})"
+            if "alpha_iso_mean" in e:
+                text += f", α {e['alpha_iso_mean']:.3g} Å³"
+            parts.append(text)
+        if parts:
+            lines.append(f"{v:>7}: " + "; ".join(parts))
+    return lines
+
+
 def improvements(results: Mapping[str, Mapping[str, Any]]) -> List[str]:
     """Relative RMSE reductions: les vs sr and uQiqiu vs les (positive = better)."""
     lines = []
-    for new, old in (("les", "sr"), ("uQiqiu", "les")):
+    for new, old in (("les", "sr"), ("uiq", "les"), ("uiu", "les"), ("uQiqiu", "les")):
         if new not in results or old not in results:
             continue
         parts = []
@@ -608,13 +634,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     for line in improvements(results):
         print(line)
+    learned = learned_lines(results, order)
+    if learned:
+        print("learned per element (test split; q e, BEC iso e, α Å³):")
+        for line in learned:
+            print(line)
     summary = {
         "base_config": str(args.config), "command": [sys.executable] + sys.argv, "overrides": args.overrides,
         "budget_s": args.budget, "epochs": args.epochs, "jobs": jobs, "threads": threads, "wall_s_this_call": wall,
         "git": git_state(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                          "python": platform.python_version()},
         "versions": _versions(), "units": UNITS_LINE, "variants": {v: results[v] for v in order if v in results},
-        "table": table, "improvements": improvements(results),
+        "table": table, "improvements": improvements(results), "learned": learned,
     }
     atomic_write_text(json.dumps(summary, indent=1, default=str), out / "results.json")
     write_csv(results, order, out / "accuracy.csv")

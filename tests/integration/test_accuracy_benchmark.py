@@ -137,6 +137,11 @@ def test_end_to_end_two_variants_then_skip(tmp_path, capsys):
     assert {"BEC_mae", "BEC_r2", "sign", "D_mae", "D_mae_sign", "alpha_mae"} <= set(m)
     assert m["ASR"] < 1e-10  # Σ_i Z*_i = Q·I holds for any weights when Σ q = Q is enforced
     assert m["ASR_ref"] == 0.0 and m["num_test_structures"] == 6
+    # what each variant learned, per element, from the trainer's summary of the test split
+    na = uiq["electrical"]["elements"]["Na"]
+    assert "electrical" not in sr and na["bec_iso_mean_ref"] == pytest.approx(1.0)
+    line = next(x for x in summary["learned"] if x.strip().startswith("uiq:"))
+    assert f"Na q {na['charge_mean']:+.3f}" in line and f"Na q {na['charge_mean']:+.3f}" in out
     assert (tmp_path / "out" / "accuracy.csv").read_text().startswith("variant,status")
     assert (tmp_path / "out" / "accuracy.png").is_file()
     assert acc.main(argv) == 0  # resumable: both are skipped
