@@ -326,7 +326,11 @@ class Electrostatics(torch.nn.Module):
         num_structures = cell.shape[0]
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, needs_real_space = self._split(order)
-        if self._use_pme(hsizes):
+        # the k-sum's cost model decides for the site fields too (they add a field gradient and
+        # a double backward in training, which favour the mesh further): at 4 × 64-ion cells the
+        # training step of uiu costs 1.30× sr with PME against 2.19× with the k-sum, uQiqiu
+        # 2.00× against 4.03× (benchmarks/results/training_step_nacl64_pme.json)
+        if self._use_pme(hsizes) or self._mesh_is_cheaper(hcell, hsizes, kmax):
             spline_order = self._spline_order(hsizes, theta)
             mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
@@ -387,7 +391,8 @@ class Electrostatics(torch.nn.Module):
         return not self._split(order)[2]
 
     def _mesh_is_cheaper(self, hcell: torch.Tensor, hsizes: torch.Tensor, kmax: float) -> bool:
-        """For the energy alone (training), whether PME beats the k-sum: the k-sum costs about
+        """For `method: auto` below the PME threshold, whether PME beats the k-sum (energy route
+        and site fields alike): the k-sum costs about
         N·K with K ≈ k_end³V/(12π²) vectors, PME a nearly fixed stencil per atom. Measured
         here (force-trained step, 4 cells, σ = 1, 1e-6): the two break even near N·K ≈ 4·10⁴
         (32 ions in 9 Å cells); at 64 ions in 11.3 Å cells PME is 1.5× faster, in 23 Å cells
