@@ -308,12 +308,14 @@ class Electrostatics(torch.nn.Module):
                 gradient = gradient.index_copy(0, idx, g)
         return phi, field, gradient
 
-    def _use_pme(self, hsizes: torch.Tensor) -> bool:
+    def _use_pme(self, hcell: torch.Tensor, hsizes: torch.Tensor, kmax: float) -> bool:
+        """PME rather than the k-sum: method pme, or auto above the size threshold or where the
+        mesh is cheaper (one rule for the energy route and the site fields)."""
         if self.kspace == "les" or self.method == "ewald":
             return False
         if self.method == "pme":
             return True
-        return int(hsizes.max()) > self.pme_threshold
+        return int(hsizes.max()) > self.pme_threshold or self._mesh_is_cheaper(hcell, hsizes, kmax)
 
     def _periodic_site_fields(self, positions: torch.Tensor, cell: torch.Tensor,
                               pbc: torch.Tensor, batch: torch.Tensor, q: torch.Tensor,
@@ -330,7 +332,7 @@ class Electrostatics(torch.nn.Module):
         # a double backward in training, which favour the mesh further): at 4 × 64-ion cells the
         # training step of uiu costs 1.30× sr with PME against 2.19× with the k-sum, uQiqiu
         # 2.00× against 4.03× (benchmarks/results/training_step_nacl64_pme.json)
-        if self._use_pme(hsizes) or self._mesh_is_cheaper(hcell, hsizes, kmax):
+        if self._use_pme(hcell, hsizes, kmax):
             spline_order = self._spline_order(hsizes, theta)
             mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
@@ -414,7 +416,7 @@ class Electrostatics(torch.nn.Module):
         num_structures = cell.shape[0]
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, _ = self._split(order)
-        if self._use_pme(hsizes) or self._mesh_is_cheaper(hcell, hsizes, kmax):
+        if self._use_pme(hcell, hsizes, kmax):
             spline_order = self._spline_order(hsizes, theta)
             mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
             energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order,
