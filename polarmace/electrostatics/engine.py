@@ -75,7 +75,7 @@ class Electrostatics(torch.nn.Module):
             from real_space_cutoff, with a real-space part).
         real_space_cutoff: Å, for point multipoles (σ = 0) or an explicit β < a.
         pme_order: B-spline order of the particle mesh (0 = automatic: 8, or 10 with
-            quadrupoles in cells of more than 50,000 atoms, where order 8 needs a much finer mesh).
+            quadrupoles in sparse or very large cells, where order 8 needs a much finer mesh).
         pme_threshold: "auto" switches to PME above this many atoms in a periodic structure.
         charge_conservation: induced charges conserve the total charge; None = only where a
             total_charge is given.
@@ -333,7 +333,7 @@ class Electrostatics(torch.nn.Module):
         # training step of uiu costs 1.30× sr with PME against 2.19× with the k-sum, uQiqiu
         # 2.00× against 4.03× (benchmarks/results/training_step_nacl64_pme.json)
         if self._use_pme(hcell, hsizes, kmax):
-            spline_order = self._spline_order(hsizes, theta)
+            spline_order = self._spline_order(hcell, hsizes, beta, theta)
             mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
                                                        mesh, spline_order, need_gradient,
@@ -363,13 +363,28 @@ class Electrostatics(torch.nn.Module):
             field = field + f
         return phi, field, gradient
 
-    def _spline_order(self, hsizes: torch.Tensor, theta: Optional[torch.Tensor]) -> int:
-        """PME B-spline order: the configured one, else 8; 10 for quadrupoles above 50,000
-        atoms (measured here: order 8 is fastest up to ~10^4 atoms; for very large cells with
-        quadrupoles order 10 halves the time, the order-8 mesh must be much finer)."""
+    def _spline_order(self, hcell: torch.Tensor, hsizes: torch.Tensor, beta: float,
+                      theta: Optional[torch.Tensor]) -> int:
+        """PME B-spline order: the configured one, else 8, or 10 with quadrupoles where the
+        order-8 mesh is the larger cost.
+
+        Quadrupoles need the splines' second derivative, and for the same accuracy order 8 a
+        mesh 2.9× denser than order 10 (which does 2× the stencil work per site). Measured with
+        `benchmarks/pme_order.py` (uQiqiu sources, σ = 1 Å, 1e-6, one thread): in sparse cells
+        (64-ion NaCl, 1,400 order-8 mesh points per atom) order 10 costs 0.63× order 8 in a
+        force-trained step and 0.58× in energy + forces; they break even near 1,000 points per
+        atom (1.01× / 0.95×); at water density (580–730) order 10 costs 1.07–1.38× in training.
+        Above 50,000 atoms order 10 is kept (the earlier rule: MD-sized cells, where it was
+        measured to halve the time; not re-measured here)."""
         if self.pme_order > 0:
             return self.pme_order
-        return 10 if (theta is not None and int(hsizes.max()) > 50000) else 8
+        if theta is None:
+            return 8
+        if int(hsizes.max()) > 50000:
+            return 10
+        mesh = pme.choose_mesh(hcell, beta, self.accuracy, 8, 2)
+        points_per_atom = mesh[0] * mesh[1] * mesh[2] / max(int(hsizes.max()), 1)
+        return 10 if points_per_atom > 1000.0 else 8
 
     def _kvectors(self, cell: torch.Tensor, kmax: float, hcell: torch.Tensor
                   ) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -417,7 +432,7 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, _ = self._split(order)
         if self._use_pme(hcell, hsizes, kmax):
-            spline_order = self._spline_order(hsizes, theta)
+            spline_order = self._spline_order(hcell, hsizes, beta, theta)
             mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
             energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order,
                                     host_cell=hcell)
