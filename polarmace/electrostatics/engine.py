@@ -333,8 +333,7 @@ class Electrostatics(torch.nn.Module):
         # training step of uiu costs 1.30× sr with PME against 2.19× with the k-sum, uQiqiu
         # 2.00× against 4.03× (benchmarks/results/training_step_nacl64_pme.json)
         if self._use_pme(hcell, hsizes, kmax):
-            spline_order = self._spline_order(hcell, hsizes, beta, theta)
-            mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
+            spline_order, mesh = self._spline_order_and_mesh(hcell, hsizes, beta, theta, order)
             phi, field, gradient = pme.pme_site_fields(positions, batch, cell, q, mu, theta, beta,
                                                        mesh, spline_order, need_gradient,
                                                        host_cell=hcell)
@@ -363,10 +362,12 @@ class Electrostatics(torch.nn.Module):
             field = field + f
         return phi, field, gradient
 
-    def _spline_order(self, hcell: torch.Tensor, hsizes: torch.Tensor, beta: float,
-                      theta: Optional[torch.Tensor]) -> int:
-        """PME B-spline order: the configured one, else 8, or 10 with quadrupoles where the
-        order-8 mesh is the larger cost.
+    def _spline_order_and_mesh(self, hcell: torch.Tensor, hsizes: torch.Tensor, beta: float,
+                               theta: Optional[torch.Tensor], rank: int
+                               ) -> Tuple[int, Tuple[int, int, int]]:
+        """PME B-spline order and mesh for sources up to multipole `rank`. The order is the
+        configured one, else 8, or 10 with quadrupoles where the order-8 mesh is the larger
+        cost.
 
         Quadrupoles need the splines' second derivative, and for the same accuracy order 8 a
         mesh 2.9× denser than order 10 (which does 2× the stencil work per site). Measured with
@@ -376,15 +377,19 @@ class Electrostatics(torch.nn.Module):
         atom (1.01× / 0.95×); at water density (580–730) order 10 costs 1.07–1.38× in training.
         Above 50,000 atoms order 10 is kept (the earlier rule: MD-sized cells, where it was
         measured to halve the time; not re-measured here)."""
+        order = 8
         if self.pme_order > 0:
-            return self.pme_order
-        if theta is None:
-            return 8
-        if int(hsizes.max()) > 50000:
-            return 10
-        mesh = pme.choose_mesh(hcell, beta, self.accuracy, 8, 2)
-        points_per_atom = mesh[0] * mesh[1] * mesh[2] / max(int(hsizes.max()), 1)
-        return 10 if points_per_atom > 1000.0 else 8
+            order = self.pme_order
+        elif theta is not None:
+            if int(hsizes.max()) > 50000:
+                order = 10
+            else:
+                mesh = pme.choose_mesh(hcell, beta, self.accuracy, 8, rank)
+                points_per_atom = mesh[0] * mesh[1] * mesh[2] / max(int(hsizes.max()), 1)
+                if points_per_atom <= 1000.0:
+                    return 8, mesh  # the mesh the rule measured is the one to use
+                order = 10
+        return order, pme.choose_mesh(hcell, beta, self.accuracy, order, rank)
 
     def _kvectors(self, cell: torch.Tensor, kmax: float, hcell: torch.Tensor
                   ) -> Tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -432,8 +437,7 @@ class Electrostatics(torch.nn.Module):
         order = 2 if theta is not None else (1 if mu is not None else 0)
         beta, kmax, _ = self._split(order)
         if self._use_pme(hcell, hsizes, kmax):
-            spline_order = self._spline_order(hcell, hsizes, beta, theta)
-            mesh = pme.choose_mesh(hcell, beta, self.accuracy, spline_order, order)
+            spline_order, mesh = self._spline_order_and_mesh(hcell, hsizes, beta, theta, order)
             energy = pme.pme_energy(positions, batch, cell, q, mu, theta, beta, mesh, spline_order,
                                     host_cell=hcell)
         else:
