@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results/water_ir"))
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=SPECTRUM_CSV",
+                   help="overlay the spectrum.csv of an earlier run in the plot (repeatable)")
     return p.parse_args(argv)
 
 
@@ -171,6 +173,11 @@ def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
             label="AMOEBA (reference MD)" if args.amoeba else "model")
     sel_e = nu > 1000
     ax.plot(nu[sel_e], alpha[sel_e] / alpha[sel_e].max(), "k--", label="experiment (Segelstein)")
+    for item in args.also:
+        label, _, path = item.partition("=")
+        nu_o, y_o = read_curve(path, "0,1")
+        sel_o = (nu_o > 1000) & (nu_o < 4500)
+        ax.plot(nu_o[sel_o], y_o[sel_o] / y_o[sel_o].max(), lw=1.0, label=label)
     for name, value in exp.items():
         ax.axvline(value, color="grey", lw=0.5)
     ax.set_xlabel("wavenumber (cm$^{-1}$)")
@@ -183,6 +190,12 @@ def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for item in args.also:  # checked before the MD, not after it
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            print(f"error: --also {item!r}: expected LABEL=path/to/spectrum.csv of an existing file",
+                  file=sys.stderr)
+            return 2
     res = run(args)
     print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
     for name, row in res["peaks"].items():
