@@ -8,3 +8,14 @@ ROOT = TESTS.parent
 """The repository root (configs/, scripts/, benchmarks/, pyproject.toml)."""
 DATASETS = ROOT.parent / "shared" / "datasets"
 """../shared/datasets next to the repository (tests that need it skip without it)."""
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"polarmace_benchmark_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
-from repo_paths import ROOT
+from repo_paths import load_benchmark
 from toy_data import make_dataset, toy_config
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("polarmace_error_breakdown",
-                                                  ROOT / "benchmarks" / "error_breakdown.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("error_breakdown")
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from repo_paths import ROOT
+from repo_paths import load_benchmark
 from toy_data import make_dataset, toy_config
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("polarmace_float32_check",
-                                                  ROOT / "benchmarks" / "float32_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("float32_check")
 
 
 @pytest.fixture(scope="module")
