@@ -15,7 +15,9 @@ NVT, then velocity-Verlet NVE; the IR from the continuous cell-dipole series, S_
 the spectrum an AMOEBA-trained model can at best reproduce, so a model's error against
 experiment splits into (model − AMOEBA) + (AMOEBA − experiment).
 
-Prints the peak table and writes spectrum.csv, water_ir.png and results.json to --out.
+Prints the peak table and writes series.npz (the dP/dt or dipole series, for --reanalyse),
+spectrum.csv, water_ir.png and results.json to --out. Peaks: the maximum of α(ω)n(ω) in each
+window, refined between grid points (Spectrum.peak).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--amoeba", action="store_true",
                      help="the reference: the same protocol with AMOEBA itself (OpenMM), IR from "
                           "the dipole series (what an AMOEBA-trained model can at best reproduce)")
+    src.add_argument("--reanalyse", type=Path, metavar="SERIES_NPZ",
+                     help="the series.npz of an earlier run: new spectrum and peaks (e.g. another "
+                          "--block-ps), no MD")
     p.add_argument("--structure", default=str(SHARED / "water_structures" / "liquid-64.xyz"))
     p.add_argument("--experimental", default=str(SHARED / "water_ir_experimental"
                                                  / "water_IR_Segelstein_alpha_200-4500.csv"))
@@ -48,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--equil-ps", type=float, default=1.0)
     p.add_argument("--prod-ps", type=float, default=5.0)
     p.add_argument("--sample-every", type=int, default=4, help="steps between BEC samples")
+    p.add_argument("--block-ps", type=float, default=1.0,
+                   help="ACF block length, ps (longest lag; Welch blocks with 50%% overlap): water's "
+                        "bands are 100-400 cm⁻¹ wide, so 1 ps resolves them and 5 ps average 9 blocks")
     p.add_argument("--eps-infty", type=float, default=None, help="scale BEC by √ε∞ (e.g. 1.78)")
     p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +88,7 @@ def _model_md(args: argparse.Namespace, atoms):
     from tqdm import tqdm
 
     from polarmace.calculator import PolarMACECalculator
-    from polarmace.spectra import dipole_derivative, ir_spectrum
+    from polarmace.spectra import dipole_derivative
 
     torch.set_num_threads(args.threads)
     calc = PolarMACECalculator(args.model, dtype=args.dtype, eps_infty=args.eps_infty)
@@ -112,35 +120,51 @@ def _model_md(args: argparse.Namespace, atoms):
         if not np.isfinite(etot[-1]) or temps[-1] > 5 * args.temperature:
             raise RuntimeError(f"MD became unstable (T = {temps[-1]:.0f} K); model not usable for IR")
     bar.close()
-    spec = ir_spectrum(np.array(dpdt), args.dt * args.sample_every, temperature=args.temperature,
-                       correction="harmonic", volume=atoms.get_volume())
-    return spec, np.array(temps), np.array(etot)
+    return {"kind": "dpdt", "signal": np.array(dpdt), "dt_fs": args.dt * args.sample_every,
+            "volume": atoms.get_volume(), "temperature": np.array(temps), "total_energy": np.array(etot),
+            "n_atoms": len(atoms), "source": str(args.model)}
 
 
 def _amoeba_md(args: argparse.Namespace, atoms):
     """The same protocol with AMOEBA (OpenMM): (spectrum, temperatures, total energies)."""
     from polarmace.reference.amoeba_dynamics import dipole_trajectory
     from polarmace.reference.amoeba_sampler import water_box
-    from polarmace.spectra import ir_spectrum_from_dipoles
 
     positions, cell = water_box(len(atoms) // 3, start=args.structure)
     traj = dipole_trajectory(positions, cell, temperature=args.temperature, dt_fs=args.dt,
                              equil_ps=args.equil_ps, prod_ps=args.prod_ps,
                              sample_every=args.sample_every, seed=args.seed, threads=args.threads)
-    spec = ir_spectrum_from_dipoles(traj.dipoles, traj.dt_fs, temperature=args.temperature,
-                                    correction="harmonic", volume=traj.volume)
-    return spec, traj.temperature, traj.total_energy
+    return {"kind": "dipole", "signal": traj.dipoles, "dt_fs": traj.dt_fs, "volume": traj.volume,
+            "temperature": traj.temperature, "total_energy": traj.total_energy,
+            "n_atoms": len(positions), "source": "AMOEBA-2018 (OpenMM)"}
+
+
+def spectrum_of(series: dict, temperature: float, block_ps: float):
+    """The IR spectrum α(ω)n(ω) of a stored series (dP/dt or the dipole itself)."""
+    from polarmace.spectra import ir_spectrum, ir_spectrum_from_dipoles
+
+    dt = float(series["dt_fs"])
+    block = max(4, int(round(block_ps * 1000.0 / dt)))
+    estimator = ir_spectrum if str(series["kind"]) == "dpdt" else ir_spectrum_from_dipoles
+    return estimator(np.asarray(series["signal"]), dt, block_length=block, temperature=temperature,
+                     correction="harmonic", volume=float(series["volume"]))
 
 
 def run(args: argparse.Namespace) -> dict:
     import ase.io
 
-    atoms = ase.io.read(args.structure, index=-1)
-    atoms.pbc = True
     t0 = time.perf_counter()
-    spec, temps, etot = _amoeba_md(args, atoms) if args.amoeba else _model_md(args, atoms)
+    if args.reanalyse:
+        with np.load(args.reanalyse) as blob:
+            series = {k: blob[k] for k in blob.files}
+    else:
+        atoms = ase.io.read(args.structure, index=-1)
+        atoms.pbc = True
+        series = _amoeba_md(args, atoms) if args.amoeba else _model_md(args, atoms)
+        args.out.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out / "series.npz", **series)  # re-analyse with --reanalyse, no new MD
     wall = time.perf_counter() - t0
-    dt_sample = args.dt * args.sample_every
+    spec = spectrum_of(series, args.temperature, args.block_ps)
     exp = experimental_peaks(args.experimental)
     rows = {}
     for name, (lo, hi) in WINDOWS.items():
@@ -150,15 +174,19 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     np.savetxt(args.out / "spectrum.csv", np.c_[spec.frequency, spec.intensity], delimiter=",",
                header=f"wavenumber_cm-1,intensity_{spec.unit.replace(' ', '')}")
-    _plot(args, spec, exp)
-    drift = np.polyfit(np.arange(len(etot)) * dt_sample / 1000.0, np.array(etot) / len(atoms), 1)[0]
+    source = str(series["source"])
+    _plot(args, spec, exp, "AMOEBA (reference MD)" if source.startswith("AMOEBA") else "model")
+    etot = np.asarray(series["total_energy"])
+    times_ps = np.arange(len(etot)) * float(series["dt_fs"]) / 1000.0
+    drift = np.polyfit(times_ps, etot / int(series["n_atoms"]), 1)[0]
     return {"peaks": rows, "resolution_cm-1": spec.resolution, "wall_s": wall,
-            "mean_temperature_K": float(np.mean(temps)), "nve_drift_eV_per_atom_ps": float(drift),
-            "model": "AMOEBA-2018 (OpenMM)" if args.amoeba else str(args.model),
-            "prod_ps": args.prod_ps, "dt_fs": args.dt}
+            "mean_temperature_K": float(np.mean(series["temperature"])),
+            "nve_drift_eV_per_atom_ps": float(drift), "model": source,
+            "prod_ps": float(times_ps[-1] + float(series["dt_fs"]) / 1000.0),
+            "sample_fs": float(series["dt_fs"]), "block_ps": args.block_ps}
 
 
-def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
+def _plot(args: argparse.Namespace, spec, exp: dict, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,8 +197,7 @@ def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
     nu, alpha = read_curve(args.experimental, "0,3")
     fig, ax = plt.subplots(figsize=(7, 4))
     sel = (spec.frequency > 1000) & (spec.frequency < 4500)
-    ax.plot(spec.frequency[sel], spec.intensity[sel] / spec.intensity[sel].max(),
-            label="AMOEBA (reference MD)" if args.amoeba else "model")
+    ax.plot(spec.frequency[sel], spec.intensity[sel] / spec.intensity[sel].max(), label=label)
     sel_e = nu > 1000
     ax.plot(nu[sel_e], alpha[sel_e] / alpha[sel_e].max(), "k--", label="experiment (Segelstein)")
     for item in args.also:
@@ -190,6 +217,9 @@ def _plot(args: argparse.Namespace, spec, exp: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.reanalyse and not args.reanalyse.is_file():
+        print(f"error: --reanalyse {args.reanalyse}: no such file", file=sys.stderr)
+        return 2
     for item in args.also:  # checked before the MD, not after it
         label, sep, path = item.partition("=")
         if not sep or not label or not Path(path).is_file():

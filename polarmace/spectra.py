@@ -63,11 +63,22 @@ class Spectrum:
     unit: str = "arb."
 
     def peak(self, low: float = 0.0, high: float = np.inf) -> float:
-        """Frequency (cm⁻¹) of the largest intensity within [low, high]."""
-        sel = (self.frequency >= low) & (self.frequency <= high)
-        if not sel.any():
+        """Frequency (cm⁻¹) of the largest intensity within [low, high], refined between grid
+        points by the parabola through the maximum and its two neighbours (the vertex, which
+        stays within half a grid spacing of the maximum; at the window's edge the grid point)."""
+        sel = np.flatnonzero((self.frequency >= low) & (self.frequency <= high))
+        if not len(sel):
             raise ValueError(f"no frequencies in [{low}, {high}] cm⁻¹")
-        return float(self.frequency[sel][np.argmax(self.intensity[sel])])
+        k = int(sel[np.argmax(self.intensity[sel])])
+        nu = float(self.frequency[k])
+        if k == sel[0] or k == sel[-1]:
+            return nu
+        y0, y1, y2 = (float(v) for v in self.intensity[k - 1:k + 2])
+        curvature = y0 - 2.0 * y1 + y2
+        if curvature >= 0.0:  # flat top: no vertex
+            return nu
+        shift = 0.5 * (y0 - y2) / curvature
+        return nu + shift * float(self.frequency[k + 1] - self.frequency[k])
 
     @property
     def resolution(self) -> float:

@@ -226,3 +226,21 @@ def test_md_cli_writes_frames_that_spectra_cli_reads_without_model(tmp_path):
     assert spectra_main(["ir", str(traj), "-o", str(tmp_path / "ir"), "--block-length", "6"]) == 0
     rows = list(csv.reader(open(tmp_path / "ir.csv")))
     assert len(rows) == 1 + 7 and all(np.isfinite(float(v)) for v in rows[1])
+
+
+def test_peak_is_refined_between_grid_points():
+    """A line between two grid frequencies: the grid maximum is off by ~0.4 spacing, the
+    parabolic vertex (what Spectrum.peak returns) by well under 0.1."""
+    dt, m = 0.5, 1000
+    res = 1.0 / (2 * m * dt * SPEED_OF_LIGHT_CM_PER_FS)
+    nu = 40.4 * res
+    t = np.arange(40000) * dt
+    x = np.sin(2 * np.pi * nu * SPEED_OF_LIGHT_CM_PER_FS * t)
+    spec = spectra.power_spectrum(x, dt, block_length=m)
+    assert spec.resolution == pytest.approx(res)
+    grid = spec.frequency[np.argmax(spec.intensity)]
+    assert abs(grid - nu) > 0.3 * res
+    assert abs(spec.peak() - nu) < 0.1 * res
+    # at the window's edge the grid point is returned (no neighbour to fit)
+    edge = spec.peak(nu + 0.45 * res, nu + 5 * res)
+    assert edge == pytest.approx(spec.frequency[spec.frequency >= nu + 0.45 * res][0])
