@@ -11,7 +11,7 @@ The experimental peaks are read from the Segelstein absorption of liquid water i
         --equil-ps 1 --prod-ps 5 --out results/water_ir
 
 With --amoeba instead of --model the same protocol runs with AMOEBA itself in OpenMM (Langevin
-NVT, then velocity-Verlet NVE; the IR from the continuous cell-dipole series, S_Ṗ = ω² S_P):
+NVT, then NVE with OpenMM's leapfrog Verlet; the IR from the continuous cell-dipole series, S_Ṗ = ω² S_P):
 the spectrum an AMOEBA-trained model can at best reproduce, so a model's error against
 experiment splits into (model − AMOEBA) + (AMOEBA − experiment).
 
@@ -79,7 +79,7 @@ def experimental_peaks(path: str) -> dict:
 
 
 def _model_md(args: argparse.Namespace, atoms):
-    """MD with the model; returns (spectrum, temperatures [T] K, total energies [T] eV)."""
+    """MD with the model; returns the series (dP/dt e·Å/fs, temperatures K, total energies eV)."""
     import torch
     from ase import units
     from ase.md.langevin import Langevin
@@ -126,7 +126,8 @@ def _model_md(args: argparse.Namespace, atoms):
 
 
 def _amoeba_md(args: argparse.Namespace, atoms):
-    """The same protocol with AMOEBA (OpenMM): (spectrum, temperatures, total energies)."""
+    """The same protocol with AMOEBA (OpenMM); returns the series (cell dipole e·Å, temperatures,
+    total energies)."""
     from polarmace.reference.amoeba_dynamics import dipole_trajectory
     from polarmace.reference.amoeba_sampler import water_box
 
