@@ -15,6 +15,10 @@ Cases (equal work for every variant: same trunk, same structures, same labels, s
     python benchmarks/training_step.py                      # both cases, one thread
     python benchmarks/training_step.py --cases nacl64 --steps 30 --json out.json
     python benchmarks/training_step.py --memory             # + peak RSS per variant (subprocesses)
+    python benchmarks/training_step.py --train-accuracy model  # the electrostatics at long_range.accuracy
+
+The steps sum the electrostatics at training.electrostatics_accuracy's default, as polarmace-train
+does (validation and the saved model keep long_range.accuracy, 1e-6).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -94,11 +98,19 @@ def build(case: str, variant: str, dtype: str, seed: int = 0):
     return model, opt, graph, loss
 
 
+#: The electrostatics accuracy of the optimiser steps (as polarmace-train: the looser of this and
+#: long_range.accuracy); set by --train-accuracy.
+TRAIN_ACCURACY: Optional[float] = None
+
+
 def step(model, opt, graph, loss_fn) -> float:
+    from polarmace.electrostatics.engine import looser_accuracy
+
     opt.zero_grad(set_to_none=True)
-    pred = model(dict(graph), compute_forces=True)
-    loss, _ = loss_fn(pred, graph)
-    loss.backward()
+    with looser_accuracy(model, TRAIN_ACCURACY):
+        pred = model(dict(graph), compute_forces=True)
+        loss, _ = loss_fn(pred, graph)
+        loss.backward()
     opt.step()
     return float(loss.detach())
 
@@ -125,7 +137,7 @@ def peak_memory(case: str, variant: str, dtype: str, plain: bool = False) -> flo
     """Peak RSS (MB) of a fresh process that runs three training steps of one variant."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import training_step as t, resource;"
             + ("" if plain else "from polarmace.runtime import tune_allocator; tune_allocator();")
-            + f"r = t.build({case!r}, {variant!r}, {dtype!r});"
+            + f"t.TRAIN_ACCURACY = {TRAIN_ACCURACY!r}; r = t.build({case!r}, {variant!r}, {dtype!r});"
             "[t.step(*r) for _ in range(3)];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
@@ -145,9 +157,17 @@ def main(argv=None) -> int:
     p.add_argument("--plain-allocator", action="store_true",
                    help="leave glibc's malloc as it is (default: polarmace.runtime.tune_allocator, "
                         "as polarmace-train does)")
+    p.add_argument("--train-accuracy", default="default",
+                   help="electrostatics accuracy of the steps: 'default' (training.electrostatics_accuracy's "
+                        "default, as polarmace-train), a number, or 'model' (long_range.accuracy, 1e-6)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     import torch
+    from polarmace.config import TrainingConfig
+
+    global TRAIN_ACCURACY
+    TRAIN_ACCURACY = (TrainingConfig().electrostatics_accuracy if args.train_accuracy == "default" else
+                      None if args.train_accuracy == "model" else float(args.train_accuracy))
     from polarmace.runtime import tune_allocator
     if not args.plain_allocator:
         tune_allocator()
@@ -158,7 +178,9 @@ def main(argv=None) -> int:
         t = time_case(case, variants, args.steps, args.dtype)
         mem = {v: peak_memory(case, v, args.dtype, args.plain_allocator) for v in variants} if args.memory else {}
         alloc = "plain malloc" if args.plain_allocator else "tuned malloc"
-        print(f"\n{case} ({args.dtype}, {args.threads} thread(s), {alloc}, median of {args.steps} interleaved steps)")
+        acc = f"electrostatics accuracy {TRAIN_ACCURACY:g} in the steps" if TRAIN_ACCURACY else "model accuracy"
+        print(f"\n{case} ({args.dtype}, {args.threads} thread(s), {alloc}, {acc}, median of {args.steps} "
+              "interleaved steps)")
         print(f"{'variant':<8} {'wall ms':>8} {'cpu ms':>8} {'cpu/sr':>7} {'target':>7}"
               + (f" {'peak MB':>8} {'mem/sr':>7}" if mem else ""))
         for v in variants:
@@ -170,7 +192,7 @@ def main(argv=None) -> int:
             if mem:
                 line += f" {mem[v]:>8.0f} {mem[v] / mem['sr']:>7.2f}"
             print(line)
-            rows.append(dict(case=case, variant=v, dtype=args.dtype, threads=args.threads,
+            rows.append(dict(case=case, variant=v, dtype=args.dtype, threads=args.threads, train_accuracy=TRAIN_ACCURACY,
                              ratio_cpu=ratio, target=target, peak_mb=mem.get(v), **r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

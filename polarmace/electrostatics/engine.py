@@ -22,8 +22,9 @@ position operator is not periodic): apply it through Born effective charges inst
 (`observables.born_effective_charges`), which is not conservative.
 """
 
+import contextlib
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -511,6 +512,22 @@ class Electrostatics(torch.nn.Module):
         if theta is not None:
             e = e + (theta * theta).sum((-1, -2)) / (20.0 * s ** 5)
         return c * segment_sum(e, batch, num_structures)
+
+
+@contextlib.contextmanager
+def looser_accuracy(model: torch.nn.Module, accuracy: Optional[float]) -> Iterator[None]:
+    """Inside the block every `Electrostatics` of `model` sums to relative accuracy
+    max(accuracy, its own) (None: unchanged); restored on exit, also after an exception.
+    The trainer's optimiser steps run in it (`training.electrostatics_accuracy`)."""
+    engines = [m for m in model.modules() if isinstance(m, Electrostatics)] if accuracy is not None else []
+    built = [e.accuracy for e in engines]
+    try:
+        for e, own in zip(engines, built):
+            e.accuracy = max(float(accuracy), own)
+        yield
+    finally:
+        for e, own in zip(engines, built):
+            e.accuracy = own
 
 
 def slab_correction_fields(positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,

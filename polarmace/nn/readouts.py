@@ -51,6 +51,17 @@ class NonLinearReadout(nn.Module):
         return torch.matmul(h, self.w2) * self.s2
 
 
+def _coupled(a: torch.Tensor, b: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+    """Σ_ab a[n,u,a] b[n,u,b] cg[a,b,m] -> [N, u, m]. As a batched outer product and one matrix
+    product: torch.einsum takes broadcast products and small-axis sums here, whose double
+    backward costs 2× (the 1o⊗1o→2e quadrupole readout, 256 atoms × 16 channels: 6.2 → 3.0 ms
+    for a force-trained step, one thread)."""
+    n, u, da = a.shape
+    db = b.shape[2]
+    outer = torch.bmm(a.reshape(n * u, da, 1), b.reshape(n * u, 1, db))
+    return torch.mm(outer.reshape(n * u, da * db), cg.reshape(da * db, -1)).view(n, u, -1)
+
+
 class EquivariantReadout(nn.Module):
     """Node features (e3nn flat layout, `irreps_in`) -> `irreps_out` (flat layout) × `scale`."""
 
@@ -190,7 +201,7 @@ class EquivariantReadout(nn.Module):
                     a = hl[self.quad_a[k][j]]
                     b = hr[self.quad_b[k][j]]
                     cg = self.cg[self.quad_cg[k][j]].narrow(0, 0, a.shape[2]).narrow(1, 0, b.shape[2]).narrow(2, 0, d).to(a.dtype)
-                    terms.append(torch.einsum("nua,nub,abm->num", a, b, cg))
+                    terms.append(_coupled(a, b, cg))
                 q = terms[0] if len(terms) == 1 else torch.cat(terms, dim=1)
                 y = torch.einsum("nud,uv->nvd", q, qw) * (1.0 / math.sqrt(qw.shape[0]))
             if self.has_bias and self.is_scalar[k] == 1:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from polarmace.data.batching import epoch_batches, iterate_graphs, to_device
+from polarmace.electrostatics.engine import looser_accuracy
 
 from . import distributed as ddp
 from .ema import ExponentialMovingAverage
@@ -58,6 +59,8 @@ class EpochPlan:
     checkpoint_steps: Optional[int] = None
     callbacks: Sequence[Callback] = ()
     progress: bool = False
+    #: relative accuracy of the electrostatic sums in the optimiser steps (None: the model's)
+    electrostatics_accuracy: Optional[float] = None
 
 
 def forward(model: torch.nn.Module, graph: Mapping[str, torch.Tensor], loss_fn: WeightedLoss) -> Dict[str, torch.Tensor]:
@@ -151,8 +154,9 @@ def train_epoch(state: TrainState, loss_fn: WeightedLoss, train_set: Sequence, s
     step = state.step
     for graph in iterate_graphs(train_set, shards, plan.r_max, plan.num_workers):
         graph = to_device(graph, plan.device, plan.dtype) if graph is not None else None
-        res = train_step(state.model, state.optimizer, loss_fn, graph, info, plan.clip_grad, state.ema,
-                         plan.dtype, plan.device)
+        with looser_accuracy(state.model, plan.electrostatics_accuracy):
+            res = train_step(state.model, state.optimizer, loss_fn, graph, info, plan.clip_grad, state.ema,
+                             plan.dtype, plan.device)
         if not math.isfinite(res.loss):
             raise FloatingPointError(f"loss is {res.loss} at epoch {epoch} step {step}")
         if res.pred is not None:

@@ -102,7 +102,8 @@ def can_continue(stopped_by: str, epochs: int, max_time: Optional[float], start_
 #: training.* keys a resumed run takes from the new config; the others keep the checkpoint's value
 #: (the restored optimizer/scheduler state and RNG streams are built for it).
 RESUME_APPLIED = ("epochs", "lr", "weight_decay", "lr_factor", "scheduler_patience", "min_lr", "loss_weights",
-                  "ema_decay", "stage_two", "clip_grad", "patience", "device", "eval_interval", "max_time")
+                  "ema_decay", "stage_two", "clip_grad", "patience", "device", "eval_interval", "max_time",
+                  "electrostatics_accuracy")
 RESUME_IGNORED = {"optimizer": "the optimizer state of the checkpoint is restored",
                   "amsgrad": "the optimizer state of the checkpoint is restored",
                   "scheduler": "the scheduler state of the checkpoint is restored",

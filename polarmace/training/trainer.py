@@ -213,7 +213,8 @@ class _Run:
                          dtype=self.dtype, device=self.device, info=self.info, max_atoms=d.max_atoms_per_batch,
                          atoms_per_config=num_atoms_of(self.data.train) if d.max_atoms_per_batch else None,
                          num_workers=d.num_workers, clip_grad=self.tc.clip_grad,
-                         checkpoint_steps=self.checkpoint_steps, callbacks=self.callbacks, progress=self.info.is_main)
+                         checkpoint_steps=self.checkpoint_steps, callbacks=self.callbacks, progress=self.info.is_main,
+                         electrostatics_accuracy=self.tc.electrostatics_accuracy)
 
     def _save(self, state: TrainState, epoch: int, step: int, extra: Dict[str, Any]) -> None:
         if self.info.is_main:

@@ -436,3 +436,45 @@ def test_a_second_run_in_a_locked_directory_names_the_holder_and_writes_nothing(
             trainer.train(_toy(dataset, run, epochs=1), model_factory=toy_model.build_toy_model)
         assert [p.name for p in run.iterdir()] == [".lock"]
     trainer.train(_toy(dataset, run, epochs=1), model_factory=toy_model.build_toy_model)  # free again
+
+
+# ------------------------------------------------------------ electrostatics accuracy in training
+def _accuracies_seen(monkeypatch) -> list:
+    """(module in training mode, engine accuracy) of every Electrostatics call from now on."""
+    from polarmace.electrostatics.engine import Electrostatics
+
+    seen = []
+    original = Electrostatics.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.is_grad_enabled() and self.training, self.accuracy))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Electrostatics, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("train_accuracy, model_accuracy, expected", [
+    (1e-4, 1e-6, 1e-4),    # the steps sum more loosely than the model
+    (None, 1e-6, 1e-6),    # null: the model's own
+    (1e-4, 1e-3, 1e-3),    # never tighter than the model's own
+])
+def test_optimiser_steps_use_the_training_electrostatics_accuracy(dataset, tmp_path, monkeypatch,
+                                                                  train_accuracy, model_accuracy, expected):
+    from polarmace.model import PolarMACE
+    from polarmace.training.trainer import train
+
+    cfg = toy_config(dataset, tmp_path / "run", epochs=1, electrostatics_accuracy=train_accuracy)
+    cfg["model"].update({"hidden_irreps": "8x0e+8x1o", "max_ell": 1, "correlation": 2, "num_interactions": 1,
+                         "radial_mlp": [8]})
+    cfg["long_range"] = {"variant": "les", "accuracy": model_accuracy}
+    cfg["output"]["plots"] = False
+    seen = _accuracies_seen(monkeypatch)
+    train(cfg)
+    steps = {acc for training, acc in seen if training}
+    others = {acc for training, acc in seen if not training}
+    assert steps == {expected}
+    # validation, the final test evaluation and the saved model keep long_range.accuracy
+    assert others == {model_accuracy}
+    saved = PolarMACE.load(str(tmp_path / "run" / "toy.model"))
+    assert saved.engine.accuracy == model_accuracy

@@ -521,3 +521,35 @@ def test_automatic_pme_order_for_quadrupoles_follows_the_mesh_density(length, ex
     assert not torch.equal(auto, other)
     exact = forces(Electrostatics(sigma=1.0, method="ewald", accuracy=1e-10))
     assert ((auto - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_looser_accuracy_changes_the_sums_within_the_accuracy_and_is_restored():
+    from polarmace.electrostatics.engine import looser_accuracy
+
+    rng = np.random.default_rng(4)
+    cell = torch.eye(3)[None] * 9.0
+    pos = torch.tensor(rng.uniform(0, 9.0, (24, 3)), requires_grad=True)
+    q = torch.tensor(rng.normal(0, 1, 24))
+    q = q - q.mean()
+    mu = torch.tensor(rng.normal(0, 0.2, (24, 3)))
+    model = torch.nn.Sequential(Electrostatics(sigma=1.0, accuracy=1e-6))
+    engine = model[0]
+
+    def energy_forces():
+        e = engine(pos, cell, torch.ones(1, 3, dtype=torch.bool), q, dipoles=mu).energy.sum()
+        return e.detach(), -torch.autograd.grad(e, pos)[0]
+
+    e6, f6 = energy_forces()
+    with looser_accuracy(model, 1e-3):
+        assert engine.accuracy == 1e-3
+        e3, f3 = energy_forces()
+    assert engine.accuracy == 1e-6
+    # the looser sum is a different sum, accurate to about its accuracy
+    df = (f3 - f6).norm() / f6.norm()
+    assert 0.0 < df < 1e-2
+    assert 0.0 < abs(float(e3 - e6)) / abs(float(e6)) < 1e-2
+    with pytest.raises(RuntimeError), looser_accuracy(model, 1e-2):
+        raise RuntimeError("a step that fails")
+    assert engine.accuracy == 1e-6
+    with looser_accuracy(model, None):
+        assert engine.accuracy == 1e-6

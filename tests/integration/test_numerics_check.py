@@ -1,14 +1,16 @@
-"""benchmarks/float32_check.py: one model in float64 and float32 on the same structures."""
+"""benchmarks/numerics_check.py: one model as saved and in float32, or at a looser electrostatics
+accuracy, on the same structures."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from repo_paths import load_benchmark
 from toy_data import make_dataset, toy_config
 
 
 def _script():
-    return load_benchmark("float32_check")
+    return load_benchmark("numerics_check")
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +47,20 @@ def test_float32_differences_are_measured_against_the_model_error(trained, tmp_p
 def test_missing_file_exits_with_2(trained, tmp_path):
     _, model = trained
     assert _script().main(["--model", str(model), "--data", str(tmp_path / "nope.xyz")]) == 2
+
+
+def test_a_looser_electrostatics_accuracy_moves_forces_by_about_that_fraction(trained):
+    import ase.io
+
+    data, model = trained
+    frames = ase.io.read(str(data), ":4")
+    mod = _script()
+    # the trained les model's electrostatic forces are a small part of its forces, so the
+    # change is bounded by the accuracy times the total force scale, and it is not zero
+    forces = np.concatenate([a.get_forces().ravel() for a in frames]) * 1e3
+    scale = float(np.sqrt(np.mean(forces ** 2)))
+    loose = mod.compare(str(model), frames, bec=False, accuracy=1e-2)
+    tight = mod.compare(str(model), frames, bec=False, accuracy=1e-8)
+    assert 0.0 < loose["dF_rms_meV_A"] < 1e-1 * scale
+    assert tight["dF_rms_meV_A"] < loose["dF_rms_meV_A"]
+    assert loose["setting"] == "accuracy 0.01"
