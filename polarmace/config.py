@@ -438,8 +438,8 @@ class TrainingConfig:
     #: Relative accuracy of the electrostatic sums in the optimiser steps (the looser of this and
     #: long_range.accuracy; null = long_range.accuracy). Validation, test and the saved model use
     #: long_range.accuracy. Default: at 1e-4 a trained model's forces move by 0.06 meV/Å RMS
-    #: (NaCl melt, les; 0.2 % of its 27 meV/Å error) and the uQiqiu electrostatics cost 0.68×
-    #: those at 1e-6 (benchmarks/results/electrostatics_accuracy/).
+    #: (NaCl melt, les; 0.2 % of its 27 meV/Å error) and uQiqiu's training step falls from 1.81×
+    #: to 1.51× sr (benchmarks/results/electrostatics_accuracy/).
     electrostatics_accuracy: Optional[float] = 1e-4
 
     def __post_init__(self) -> None:
