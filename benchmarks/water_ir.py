@@ -23,6 +23,7 @@ window, refined between grid points (Spectrum.peak).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -30,9 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from polarmace.errors import DataError
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 WINDOWS = {"bend": (1400.0, 1900.0), "stretch": (2800.0, 4000.0)}
+DEFAULT_TEMPERATURE = 300.0  # K
+RECENT_FRAMES = 250  # sampled frames written out when the MD fails (1,000 steps at the defaults)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--structure", default=str(SHARED / "water_structures" / "liquid-64.xyz"))
     p.add_argument("--experimental", default=str(SHARED / "water_ir_experimental"
                                                  / "water_IR_Segelstein_alpha_200-4500.csv"))
-    p.add_argument("--temperature", type=float, default=300.0, help="K")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="K (default 300; with --reanalyse, the stored run's target temperature)")
     p.add_argument("--dt", type=float, default=0.5, help="time step, fs")
     p.add_argument("--equil-ps", type=float, default=1.0)
     p.add_argument("--prod-ps", type=float, default=5.0)
@@ -76,6 +82,14 @@ def experimental_peaks(path: str) -> dict:
         sel = (nu >= lo) & (nu <= hi)
         out[name] = float(nu[sel][np.argmax(alpha[sel])])
     return out
+
+
+class UnstableMD(RuntimeError):
+    """The model's MD left the physical region (coincident atoms, runaway temperature)."""
+
+    def __init__(self, message: str, frames: list):
+        super().__init__(message)
+        self.frames = frames  # the last sampled frames before the failure, oldest first
 
 
 def _model_md(args: argparse.Namespace, atoms):
@@ -106,10 +120,16 @@ def _model_md(args: argparse.Namespace, atoms):
         nvt.run(100)
     nve = VelocityVerlet(atoms, args.dt * units.fs)
     dpdt, temps, etot = [], [], []
+    recent = collections.deque(maxlen=RECENT_FRAMES)  # kept to show how an unstable run failed
     bar = tqdm(total=n_prod, desc="NVE production", unit="step")
-    for _ in range(n_prod // args.sample_every):
-        nve.run(args.sample_every)
+    for k in range(n_prod // args.sample_every):
+        try:
+            nve.run(args.sample_every)
+        except DataError as err:  # the calculator refuses coincident atoms: the model let them meet
+            raise UnstableMD(f"{err} at NVE step {(k + 1) * args.sample_every} "
+                             f"({(k + 1) * args.sample_every * args.dt / 1000:.2f} ps)", list(recent)) from err
         bar.update(args.sample_every)
+        recent.append(atoms.copy())
         snap = atoms.copy()
         snap.calc = bec_calc
         bec = bec_calc.get_property("bec", snap)
@@ -118,11 +138,11 @@ def _model_md(args: argparse.Namespace, atoms):
         temps.append(atoms.get_temperature())
         etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
         if not np.isfinite(etot[-1]) or temps[-1] > 5 * args.temperature:
-            raise RuntimeError(f"MD became unstable (T = {temps[-1]:.0f} K); model not usable for IR")
+            raise UnstableMD(f"T = {temps[-1]:.0f} K at NVE step {(k + 1) * args.sample_every}", list(recent))
     bar.close()
     return {"kind": "dpdt", "signal": np.array(dpdt), "dt_fs": args.dt * args.sample_every,
             "volume": atoms.get_volume(), "temperature": np.array(temps), "total_energy": np.array(etot),
-            "n_atoms": len(atoms), "source": str(args.model)}
+            "n_atoms": len(atoms), "source": str(args.model), "target_temperature_K": args.temperature}
 
 
 def _amoeba_md(args: argparse.Namespace, atoms):
@@ -137,7 +157,8 @@ def _amoeba_md(args: argparse.Namespace, atoms):
                              sample_every=args.sample_every, seed=args.seed, threads=args.threads)
     return {"kind": "dipole", "signal": traj.dipoles, "dt_fs": traj.dt_fs, "volume": traj.volume,
             "temperature": traj.temperature, "total_energy": traj.total_energy,
-            "n_atoms": len(positions), "source": "AMOEBA-2018 (OpenMM)"}
+            "n_atoms": len(positions), "source": "AMOEBA-2018 (OpenMM)",
+            "target_temperature_K": args.temperature}
 
 
 def spectrum_of(series: dict, temperature: float, block_ps: float):
@@ -158,7 +179,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.reanalyse:
         with np.load(args.reanalyse) as blob:
             series = {k: blob[k] for k in blob.files}
-    else:
+        # the spectrum's quantum correction needs the run's temperature, not a default
+        if args.temperature is None and "target_temperature_K" in series:
+            args.temperature = float(series["target_temperature_K"])
+    if args.temperature is None:
+        args.temperature = DEFAULT_TEMPERATURE
+    if not args.reanalyse:
         atoms = ase.io.read(args.structure, index=-1)
         atoms.pbc = True
         series = _amoeba_md(args, atoms) if args.amoeba else _model_md(args, atoms)
@@ -184,7 +210,8 @@ def run(args: argparse.Namespace) -> dict:
             "mean_temperature_K": float(np.mean(series["temperature"])),
             "nve_drift_eV_per_atom_ps": float(drift), "model": source,
             "prod_ps": float(times_ps[-1] + float(series["dt_fs"]) / 1000.0),
-            "sample_fs": float(series["dt_fs"]), "block_ps": args.block_ps}
+            "sample_fs": float(series["dt_fs"]), "block_ps": args.block_ps,
+            "temperature_K": args.temperature}
 
 
 def _plot(args: argparse.Namespace, spec, exp: dict, label: str) -> None:
@@ -227,7 +254,17 @@ def main(argv=None) -> int:
             print(f"error: --also {item!r}: expected LABEL=path/to/spectrum.csv of an existing file",
                   file=sys.stderr)
             return 2
-    res = run(args)
+    try:
+        res = run(args)
+    except UnstableMD as err:
+        import ase.io
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "unstable_last_frames.extxyz"
+        ase.io.write(path, err.frames, format="extxyz")
+        print(f"error: the model's MD became unstable: {err}; no spectrum. The last {len(err.frames)} "
+              f"frames are in {path}", file=sys.stderr)
+        return 1
     print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
     for name, row in res["peaks"].items():
         print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "

@@ -166,6 +166,12 @@ class ModelConfig:
     freeze_trunk_epochs: int = 0
     #: With init_from: E0s, scale and shift from the "model" file or recomputed from the "data".
     init_statistics: Literal["model", "data"] = "model"
+    #: Short-range wall added to the energy (polarmace.nn.repulsion: ZBL screened nuclear
+    #: repulsion, switched to exactly zero at a pair cutoff): null = off; "covalent" = cutoff at
+    #: the sum of the covalent radii; {"O-H": 0.75, ...} = cutoffs in Å for the pairs named (the
+    #: others: covalent). Without it a model's energy at distances absent from its training data
+    #: can fall, and MD can pull atoms together (benchmarks/results/water_amoeba/README.md).
+    core_repulsion: Union[None, Literal["covalent"], Dict[str, float]] = None
 
     def __post_init__(self) -> None:
         s = "model"
@@ -190,6 +196,13 @@ class ModelConfig:
         if isinstance(self.e0s, dict):
             for e in self.e0s:
                 _check(e in known, f"{s}.e0s.{e}", f"unknown element symbol {e!r}")
+        if isinstance(self.core_repulsion, dict):
+            for pair, rc in self.core_repulsion.items():
+                a, sep, b = str(pair).partition("-")
+                _check(bool(sep) and a in known and b in known, f"{s}.core_repulsion.{pair}",
+                       "expected an element pair like 'O-H'")
+                _check(isinstance(rc, (int, float)) and 0 < rc <= self.r_max, f"{s}.core_repulsion.{pair}",
+                       f"cutoff must be in (0, r_max = {self.r_max}] Å, got {rc!r}")
 
 
 #: Charge readout scale when `long_range.readout_scales.charges` is null: models with a response

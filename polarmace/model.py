@@ -1,7 +1,7 @@
 """PolarMACE: MACE trunk + latent multipoles + electrostatics + linear response, with forces,
 stress and electrical observables from one energy (docs/method.md §1, §5, §6).
 
-    E = Σ E0(Z_i) + scale·Σ E_i^MACE + shift·N + E_elec + E_resp (+ E_field)
+    E = Σ E0(Z_i) + scale·Σ E_i^MACE + shift·N (+ E_core) + E_elec + E_resp (+ E_field)
 
 The latent monopoles q (0e), dipoles μ (1o), traceless quadrupoles Θ (2e), charge softness
 κ ≥ 0 (0e) and polarizabilities α (0e, or PSD 3×3 from 0e·I + Σ u uᵀ of two 1o vectors) are read
@@ -25,6 +25,7 @@ from polarmace.electrostatics.response import segment_sum
 from polarmace.errors import ModelFileError
 from polarmace.neighbours import edge_vectors
 from polarmace.nn.readouts import EquivariantReadout
+from polarmace.nn.repulsion import CoreRepulsion, pair_cutoffs
 from polarmace.nn.trunk import MACETrunk
 
 #: Version of the .model file layout (see `upgrade_model_file`).
@@ -81,6 +82,7 @@ class PolarMACE(torch.nn.Module):
     anisotropic: Final[bool]
     learned_total_charge: Final[bool]
     electrostatics_on: Final[bool]
+    use_core_repulsion: Final[bool]
 
     def __init__(self, config: Any) -> None:
         """`config`: a Config or its dict (the sections of `model_sections` are used), with
@@ -121,6 +123,9 @@ class PolarMACE(torch.nn.Module):
                              torch.tensor([float(m.e0s[s]) for s in elements]))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("shift", torch.tensor(0.0))
+        self.use_core_repulsion = m.core_repulsion is not None
+        self.core_repulsion = (CoreRepulsion(elements, pair_cutoffs(elements, m.core_repulsion), m.r_max)
+                               if self.use_core_repulsion else torch.nn.Identity())
         self._build_long_range(conf.long_range)
 
     # ------------------------------------------------------------------ construction
@@ -205,6 +210,9 @@ class PolarMACE(torch.nn.Module):
         features, node_mace = self.trunk(graph["atomic_numbers"], graph["edge_index"], vectors, batch,
                                          element_counts, num_chunks)
         node_energy = self.atomic_energies[species] + self.scale * node_mace + self.shift
+        if self.use_core_repulsion:
+            node_energy = node_energy + self.core_repulsion(species, graph["edge_index"],
+                                                            torch.linalg.norm(vectors, dim=-1))
         energy = segment_sum(node_energy, batch, num_structures)
         out: Dict[str, torch.Tensor] = {}
         if self.electrostatics_on:
@@ -414,3 +422,17 @@ def build_model(config: Any, statistics: Optional[Mapping[str, Any]] = None) -> 
         model.set_statistics(statistics["scale"], statistics["shift"])
     model.statistics = dict(statistics or {})
     return model
+
+
+def with_core_repulsion(model: PolarMACE, cutoffs: Any) -> PolarMACE:
+    """A copy of `model` with model.core_repulsion set to `cutoffs` ("covalent", {"O-H": Å, …}
+    or None) and the same weights. The wall is zero at every distance above its pair cutoff,
+    so with cutoffs below the training data's shortest distances the fit there is unchanged."""
+    config = {k: dict(v) for k, v in model.config.items()}
+    config["model"]["core_repulsion"] = cutoffs
+    out = PolarMACE(config)
+    out.to(model.atomic_energies.dtype)
+    out.load_state_dict(model.state_dict())
+    out.statistics = dict(getattr(model, "statistics", {}) or {})
+    out.eval()
+    return out

@@ -10,12 +10,12 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 """../shared/datasets next to the repository (tests that need it skip without it)."""
 
 
-def load_benchmark(name: str):
-    """Import benchmarks/<name>.py as a module (the benchmark scripts are not a package)."""
+def load_benchmark(name: str, folder: str = "benchmarks"):
+    """Import <folder>/<name>.py (benchmarks/ or scripts/) as a module: they are not packages."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"polarmace_benchmark_{name}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"polarmace_{folder}_{name}",
+                                                  ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

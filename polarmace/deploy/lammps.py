@@ -60,13 +60,14 @@ class LammpsLocalModel(nn.Module):
     rij [E,3] float Å: r_j − r_i for every directed pair (i, j) with |r_ij| < r_max;
     edge_i, edge_j [E] int64: receiver i and sender j (indices into atomic_numbers);
     atomic_numbers [N] int64 (owned then ghosts); n_owned: number of owned atoms (first rows).
-    Returns, for the n_owned owned atoms: energy [n] eV (E0 + scale·MACE + shift), raw latent
+    Returns, for the n_owned owned atoms: energy [n] eV (E0 + scale·MACE + shift + core
+    repulsion), raw latent
     charges q̃ [n] e (before the total-charge rule; zeros without charges) and redistribution
     weights w [n] (ones for the uniform rule). Gradients flow to rij only.
     """
 
     # branch flags as TorchScript constants: the switched-off readouts (nn.Identity) are not compiled
-    __constants__ = ["has_charges", "learned_total_charge"]
+    __constants__ = ["has_charges", "learned_total_charge", "has_core_repulsion"]
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -76,6 +77,8 @@ class LammpsLocalModel(nn.Module):
         dummy = nn.Identity()
         self.charge_readout = model.charge_readout if self.has_charges else dummy
         self.charge_weight_readout = model.charge_weight_readout if self.learned_total_charge else dummy
+        self.has_core_repulsion = bool(getattr(model, "use_core_repulsion", False))
+        self.core_repulsion = model.core_repulsion if self.has_core_repulsion else dummy
         self.register_buffer("element_index", model.element_index.clone())
         self.register_buffer("atomic_energies", model.atomic_energies.clone())
         self.register_buffer("scale", model.scale.clone())
@@ -100,6 +103,11 @@ class LammpsLocalModel(nn.Module):
         features, node_mace = self.trunk(atomic_numbers, edge_index, rij)
         species = self.element_index[atomic_numbers[:n_owned]]
         energy = self.atomic_energies[species] + self.scale * node_mace[:n_owned] + self.shift
+        if self.has_core_repulsion:
+            # row 0 is the receiver: an owned atom's edges reach every neighbour, ghosts included
+            all_species = self.element_index[atomic_numbers]
+            energy = energy + self.core_repulsion(all_species, edge_index,
+                                                  torch.linalg.norm(rij, dim=-1))[:n_owned]
         feats = features[:n_owned]
         if self.has_charges:
             q = self.charge_readout(feats).squeeze(-1)

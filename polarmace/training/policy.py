@@ -115,13 +115,19 @@ def resume_training_section(new: Mapping[str, Any], saved: Mapping[str, Any]
     """(training section in effect, {key: (old, new)} of the applied changes) for a resume.
 
     A changed key of RESUME_APPLIED takes the new value (logged); one of RESUME_IGNORED keeps
-    the checkpoint's value with a warning that says so.
+    the checkpoint's value with a warning that says so. A key the checkpoint lacks (it was
+    written before the key existed) takes the new value, and the log says so.
     """
     effective = copy.deepcopy(dict(new))
     changes: Dict[str, Tuple[Any, Any]] = {}
     for key in sorted(set(new) | set(saved)):
         old, value = saved.get(key), new.get(key)
-        if old == value or key not in saved:
+        if key not in saved:
+            if saved:  # an empty section is a fresh run's, not an old checkpoint's
+                log.info("resume: training.%s is not in the checkpoint (written before the key existed): "
+                         "the run takes %r", key, value)
+            continue
+        if old == value:
             continue
         if key in RESUME_IGNORED:
             effective[key] = copy.deepcopy(old)

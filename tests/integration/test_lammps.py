@@ -116,13 +116,28 @@ def _pppm_force_accuracy(log: str) -> float:
     return float(m[-1])
 
 
+def _pairs(atoms, cutoff: float):
+    """(edge_index [2, E], lengths [E]) of every directed pair within `cutoff`, images included."""
+    from matscipy.neighbours import neighbour_list
+
+    i, j, d = neighbour_list("ijd", atoms, cutoff)
+    return torch.tensor(np.stack([i, j])), torch.tensor(d)
+
+
 # ------------------------------------------------------------------------------ no LAMMPS needed
-def test_local_module_matches_model_on_replicated_cell(trained):
+@pytest.mark.parametrize("core_repulsion", [None, {"Cl-Na": 2.7, "Na-Na": 3.3, "Cl-Cl": 3.3}])
+def test_local_module_matches_model_on_replicated_cell(trained, core_repulsion):
     """The exported local module on owned atoms + explicit ghost images (the situation of one
-    rank) gives the model's short-range energy and, after the uniform total-charge rule, its charges."""
+    rank) gives the model's short-range energy and, after the uniform total-charge rule, its
+    charges; with a core repulsion whose cutoffs the melt's closest pairs cross, that too."""
     from polarmace.calculator import PolarMACECalculator
     from polarmace.deploy.lammps import lammps_module
+    from polarmace.model import with_core_repulsion
 
+    if core_repulsion is not None:
+        trained = with_core_repulsion(trained, core_repulsion)
+        assert trained.core_repulsion(trained.element_index[torch.tensor(_frame(3).numbers)],
+                                      *_pairs(_frame(3), 3.3)).sum() > 1e-3  # the wall is active here
     atoms = _frame(3)
     calc = PolarMACECalculator(trained)
     atoms.calc = calc
