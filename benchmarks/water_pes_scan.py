@@ -9,8 +9,8 @@ periodic 64-molecule box, deforms the chosen molecules along
 - one O–H length (the other bond and the angle fixed),
 
 and prints E(model) − E(model at the unperturbed molecule) beside the same for AMOEBA-2018
-(OpenMM, PME) at every point, plus the sampled range of the coordinate in the training data
-when --data is given. Each molecule's curve is its own row set.
+(OpenMM, PME) at every point, plus the range of each coordinate sampled in --data (structures
+of the training distribution) when given. Each molecule's curve is its own row set.
 
     python benchmarks/water_pes_scan.py --model benchmarks/results/water_amoeba/uiu_f32_e70.model \
         --dtype float32 --molecules 0 40 --out benchmarks/results/water_amoeba/pes_scan_uiu_f32_e70
@@ -36,6 +36,7 @@ BONDS_A = np.array([0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="trained model file")
+    p.add_argument("--label", default=None, help="the model's name in the table and plot (default: file name)")
     p.add_argument("--also-model", action="append", default=[], metavar="LABEL=MODEL",
                    help="another model scanned on the same geometries (repeatable)")
     p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
@@ -43,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--molecules", type=int, nargs="+", default=[0],
                    help="molecule indices (O, H, H order after sorting) to deform")
     p.add_argument("--data", type=Path, default=None,
-                   help="training extxyz: report the sampled range of the angle and O–H length")
+                   help="structures (extxyz) of the training distribution: report and shade the range "
+                        "of the angle and O–H length they sample")
     p.add_argument("--out", type=Path, default=Path("results/water_pes_scan"))
     return p.parse_args(argv)
 
@@ -100,7 +102,7 @@ def sampled_ranges(path: Path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    models = {"model": args.model}
+    models = {args.label or Path(args.model).stem: args.model}
     for item in args.also_model:
         label, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         print(f"{row['molecule']:3d} {row['coordinate']:>10s} {row['value']:6.2f} "
               + " ".join(f"{row[f'dE_{k}_eV']:14.3f}" for k in labels))
     if ranges is not None:
-        print(f"training data: angle {ranges['angle_deg'][0]:.1f}–{ranges['angle_deg'][1]:.1f}°, "
+        print(f"sampled in {args.data.name}: angle {ranges['angle_deg'][0]:.1f}–{ranges['angle_deg'][1]:.1f}°, "
               f"O–H {ranges['oh_A'][0]:.3f}–{ranges['oh_A'][1]:.3f} Å")
     _plot(args.out / "scan.png", rows, labels, ranges)
     return 0
@@ -189,7 +191,8 @@ def _plot(path: Path, rows: list, labels: list, ranges) -> None:
         ax.set_ylabel("E − E(start) (eV)")
         ax.set_ylim(-3, 6)
     axes[0].legend(fontsize=7)
-    fig.suptitle("one molecule deformed in the 64-molecule box (grey: range in the training data)")
+    fig.suptitle("one molecule deformed in the 64-molecule box" + ("" if ranges is None else
+                 " (grey: the range sampled in --data)"))
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
