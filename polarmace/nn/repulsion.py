@@ -19,8 +19,9 @@ from typing import Dict, Mapping, Sequence, Union
 
 import torch
 from ase.data import atomic_numbers as ASE_NUMBERS
-from ase.data import chemical_symbols, covalent_radii
+from ase.data import covalent_radii
 
+from polarmace.errors import ConfigError
 from polarmace.units import BOHR
 
 #: ZBL universal screening function φ(x) = Σ c_k exp(−d_k x).
@@ -74,21 +75,21 @@ class CoreRepulsion(torch.nn.Module):
     def __init__(self, elements: Sequence[str], cutoffs: Mapping[str, float], r_max: float) -> None:
         super().__init__()
         n = len(elements)
-        table = torch.zeros(n, n)
+        table = torch.zeros(n, n, dtype=torch.float64)  # a float64 model keeps the cutoffs as given
         for i, a in enumerate(elements):
             for j, b in enumerate(elements):
                 key = pair_key(a, b)
                 if key not in cutoffs:
-                    raise ValueError(f"model.core_repulsion: no cutoff for the pair {key}")
+                    raise ConfigError(f"model.core_repulsion: no cutoff for the pair {key}")
                 rc = float(cutoffs[key])
                 if not 0.0 < rc <= r_max:
-                    raise ValueError(f"model.core_repulsion: cutoff {rc} Å of {key} must be in (0, r_max = {r_max}]")
+                    raise ConfigError(f"model.core_repulsion: cutoff {rc:.3f} Å of {key} must be in "
+                                      f"(0, r_max = {r_max}]; set it explicitly, e.g. {{{key}: 1.0}}")
                 table[i, j] = rc
         # derived from the config on every build, so not part of the saved weights
         self.register_buffer("cutoff", table, persistent=False)
-        self.register_buffer("charge", torch.tensor([float(ASE_NUMBERS[e]) for e in elements]),
-                             persistent=False)
-        self.symbols = [chemical_symbols[ASE_NUMBERS[e]] for e in elements]
+        self.register_buffer("charge", torch.tensor([float(ASE_NUMBERS[e]) for e in elements],
+                                                    dtype=torch.float64), persistent=False)
 
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """species [N] (model element index), edge_index [2, E] (row 0 the receiver i, row 1 the
