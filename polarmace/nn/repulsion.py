@@ -22,7 +22,7 @@ from ase.data import atomic_numbers as ASE_NUMBERS
 from ase.data import covalent_radii
 
 from polarmace.errors import ConfigError
-from polarmace.units import BOHR
+from polarmace.units import BOHR, COULOMB
 
 #: ZBL universal screening function φ(x) = Σ c_k exp(−d_k x).
 ZBL_COEFFICIENTS = (0.18175, 0.50986, 0.28022, 0.02817)
@@ -48,14 +48,17 @@ def pair_cutoffs(elements: Sequence[str], spec: Union[str, Mapping[str, float]])
     return out
 
 
+def zbl_screening(x: torch.Tensor) -> torch.Tensor:
+    """The ZBL universal screening function φ(x), x = r / a (dimensionless), any shape."""
+    c = torch.tensor(ZBL_COEFFICIENTS, dtype=x.dtype, device=x.device)
+    d = torch.tensor(ZBL_EXPONENTS, dtype=x.dtype, device=x.device)
+    return (c * torch.exp(-x[..., None] * d)).sum(-1)
+
+
 def zbl_energy(r: torch.Tensor, z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
     """Unswitched ZBL pair energy (eV) at distance r (Å) of nuclei with charges z_i, z_j."""
-    a = 0.46853350253 / (z_i ** 0.23 + z_j ** 0.23)  # ZBL_LENGTH, Å
-    x = r / a
-    # the constants above written out (TorchScript compiles no module globals); a test checks them
-    phi = (0.18175 * torch.exp(-3.19980 * x) + 0.50986 * torch.exp(-0.94229 * x)
-           + 0.28022 * torch.exp(-0.40290 * x) + 0.02817 * torch.exp(-0.20162 * x))
-    return 14.399645478425668 * z_i * z_j / r * phi  # COULOMB, eV·Å/e²
+    a = ZBL_LENGTH / (z_i ** 0.23 + z_j ** 0.23)
+    return COULOMB * z_i * z_j / r * zbl_screening(r / a)
 
 
 def quintic_switch(t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,9 @@ class CoreRepulsion(torch.nn.Module):
     def __init__(self, elements: Sequence[str], cutoffs: Mapping[str, float], r_max: float) -> None:
         super().__init__()
         n = len(elements)
-        table = torch.zeros(n, n, dtype=torch.float64)  # a float64 model keeps the cutoffs as given
+        # per ordered pair (i·n + j): cutoff r_c, screening length a and k_e·Z_i·Z_j, so that the
+        # forward gathers once per edge (a float64 model keeps the cutoffs as given)
+        table = torch.zeros(3, n * n, dtype=torch.float64)
         for i, a in enumerate(elements):
             for j, b in enumerate(elements):
                 key = pair_key(a, b)
@@ -85,25 +90,26 @@ class CoreRepulsion(torch.nn.Module):
                 if not 0.0 < rc <= r_max:
                     raise ConfigError(f"model.core_repulsion: cutoff {rc:.3f} Å of {key} must be in "
                                       f"(0, r_max = {r_max}]; set it explicitly, e.g. {{{key}: 1.0}}")
-                table[i, j] = rc
+                za, zb = float(ASE_NUMBERS[a]), float(ASE_NUMBERS[b])
+                table[:, i * n + j] = torch.tensor([rc, ZBL_LENGTH / (za ** 0.23 + zb ** 0.23),
+                                                    COULOMB * za * zb], dtype=torch.float64)
         # derived from the config on every build, so not part of the saved weights
-        self.register_buffer("cutoff", table, persistent=False)
-        self.register_buffer("charge", torch.tensor([float(ASE_NUMBERS[e]) for e in elements],
-                                                    dtype=torch.float64), persistent=False)
+        self.register_buffer("pair_table", table, persistent=False)
+        self.register_buffer("screening", torch.tensor([ZBL_COEFFICIENTS, ZBL_EXPONENTS], dtype=torch.float64),
+                             persistent=False)
+        self.num_elements = n
 
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """species [N] (model element index), edge_index [2, E] (row 0 the receiver i, row 1 the
         sender j; both directions of every pair), lengths [E] Å -> node energies [N] eV: half of
         each pair's energy to its receiver, so an atom's energy needs only its own edges."""
-        receiver, sender = edge_index[0], edge_index[1]
-        s_i = species.index_select(0, sender)
-        s_j = species.index_select(0, receiver)
-        rc = self.cutoff.to(lengths.dtype)[s_i, s_j]
-        inside = lengths < rc
-        # evaluate only inside the cutoffs (ZBL at r → large is harmless, but r = 0 of padding is not)
-        r = torch.where(inside, lengths, rc)
-        z = self.charge.to(lengths.dtype)
-        e = zbl_energy(r, z[s_i], z[s_j]) * quintic_switch(r / rc)
-        e = torch.where(inside, e, torch.zeros_like(e))
+        receiver = edge_index[0]
+        pair = species.index_select(0, receiver) * self.num_elements + species.index_select(0, edge_index[1])
+        rc, a, kzz = self.pair_table.to(lengths.dtype).index_select(1, pair).unbind(0)
+        r = lengths.clamp(min=1e-6)  # a coincident pair (which the calculator refuses) is not a NaN
+        c, d = self.screening.to(lengths.dtype).unbind(0)
+        phi = torch.exp((r / a)[:, None] * -d) @ c  # φ(r/a): one exp of [E, 4], as zbl_screening
+        # the switch is exactly 0 (value and slope) for r >= r_c: no mask needed
+        e = kzz / r * phi * quintic_switch(r / rc)
         node = torch.zeros(species.shape[0], dtype=lengths.dtype, device=lengths.device)
         return node.index_add(0, receiver, 0.5 * e)
