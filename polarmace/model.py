@@ -430,9 +430,5 @@ def with_core_repulsion(model: PolarMACE, cutoffs: Any) -> PolarMACE:
     so with cutoffs below the training data's shortest distances the fit there is unchanged."""
     config = {k: dict(v) for k, v in model.config.items()}
     config["model"]["core_repulsion"] = cutoffs
-    out = PolarMACE(config)
-    out.to(model.atomic_energies.dtype)
-    out.load_state_dict(model.state_dict())
-    out.statistics = dict(getattr(model, "statistics", {}) or {})
-    out.eval()
-    return out
+    dtype = str(model.atomic_energies.dtype).replace("torch.", "")
+    return PolarMACE._from_weights(config, model.state_dict(), getattr(model, "statistics", None), dtype)

@@ -39,20 +39,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 def shortest_pair_distances(paths: List[Path], elements: List[str], r_max: float) -> Dict[str, float]:
     """{"A-B": shortest distance in Å (periodic images included), inf when never within r_max}."""
     import ase.io
-    from matscipy.neighbours import neighbour_list
+    import torch
     from tqdm import tqdm
 
+    from polarmace.neighbours import edge_vectors, neighbour_pairs
     from polarmace.nn.repulsion import pair_key
 
     out = {pair_key(a, b): np.inf for i, a in enumerate(elements) for b in elements[i:]}
     for path in paths:
         for atoms in tqdm(ase.io.iread(str(path)), desc=f"pair distances in {path.name}", unit="frame"):
-            if not atoms.pbc.any():  # matscipy needs a cell for open structures
-                atoms = atoms.copy()
-                atoms.center(vacuum=r_max + 1.0)
-            i, j, d = neighbour_list("ijd", atoms, r_max)
+            pos = torch.tensor(atoms.positions)
+            cell = torch.tensor(atoms.cell.array)[None]
+            batch = torch.zeros(len(atoms), dtype=torch.long)
+            edges, shifts = neighbour_pairs(pos, cell, torch.tensor(atoms.pbc)[None], batch, r_max)
+            lengths = torch.linalg.norm(edge_vectors(pos, cell, batch, edges, shifts), dim=-1).numpy()
             symbols = np.array(atoms.get_chemical_symbols())
-            for a, b, r in zip(symbols[i], symbols[j], d):
+            for a, b, r in zip(symbols[edges[0].numpy()], symbols[edges[1].numpy()], lengths):
                 key = pair_key(a, b)
                 if key in out and r < out[key]:
                     out[key] = float(r)
@@ -71,13 +73,13 @@ def main(argv=None) -> int:
             return 2
     given: Dict[str, float] = {}
     for item in args.cutoff:
-        pair, sep, value = item.partition("=")
+        pair, _, value = item.partition("=")
         a, dash, b = pair.partition("-")
         try:
+            if not dash:
+                raise ValueError(pair)
             given[pair_key(a, b)] = float(value)
         except ValueError:
-            value = None
-        if not sep or not dash or value is None:
             print(f"error: --cutoff {item!r}: expected A-B=Å, e.g. O-H=0.75", file=sys.stderr)
             return 2
     try:
