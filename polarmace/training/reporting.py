@@ -9,8 +9,9 @@ import json
 import logging
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
@@ -20,38 +21,40 @@ from .metrics import format_table
 
 log = logging.getLogger("polarmace.training")
 
-__all__ = ["setup_logging", "remove_handlers", "EPOCH_COLUMNS", "epoch_line", "write_history", "write_config",
+__all__ = ["training_log", "EPOCH_COLUMNS", "epoch_line", "write_history", "write_config",
            "log_start", "log_epoch", "report_final", "report_electrical"]
 
 
-def setup_logging(run_dir: Path, is_main: bool) -> List[logging.Handler]:
-    """stdout and ``run_dir/train.log`` handlers on the training logger (rank 0 only)."""
+@contextmanager
+def training_log(run_dir: Path, is_main: bool) -> Iterator[None]:
+    """stdout and ``run_dir/train.log`` handlers on the training logger (rank 0 only) for the
+    length of a run. The logger's level and propagation are put back afterwards, so that a run
+    inside a notebook or a test session leaves the caller's logging as it found it."""
+    saved_level, saved_propagate = log.level, log.propagate
     added: List[logging.Handler] = []
     log.setLevel(logging.INFO)
-    log.propagate = False
-    if not is_main:
-        return added
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    h1 = logging.StreamHandler(sys.stdout)
-    h1.setFormatter(fmt)
+    log.propagate = False  # the run's own handlers print each line once, not again via the root
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        h2 = logging.FileHandler(run_dir / "train.log")
-    except OSError as exc:
-        from polarmace.errors import output_error
+        if is_main:
+            fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                file_handler = logging.FileHandler(run_dir / "train.log")
+            except OSError as exc:
+                from polarmace.errors import output_error
 
-        raise output_error(run_dir / "train.log", exc) from exc
-    h2.setFormatter(fmt)
-    for h in (h1, h2):
-        log.addHandler(h)
-        added.append(h)
-    return added
-
-
-def remove_handlers(handlers: Sequence[logging.Handler]) -> None:
-    for h in handlers:
-        log.removeHandler(h)
-        h.close()
+                raise output_error(run_dir / "train.log", exc) from exc
+            for h in (logging.StreamHandler(sys.stdout), file_handler):
+                h.setFormatter(fmt)
+                log.addHandler(h)
+                added.append(h)
+        yield
+    finally:
+        for h in added:
+            log.removeHandler(h)
+            h.close()
+        log.setLevel(saved_level)
+        log.propagate = saved_propagate
 
 
 EPOCH_COLUMNS = ("epoch", "stage", "train_loss", "valid_loss", "valid_E_rmse", "valid_E_mae",

@@ -100,19 +100,17 @@ def train(config: Any, model_factory: Optional[Callable] = None, resume: bool = 
     lock = RunLock(run_dir, "polarmace-train") if info.is_main else None
     if lock is not None:
         lock.acquire()
-    handlers: List[logging.Handler] = []
     old_dtype = torch.get_default_dtype()
     try:
         if not resume and CheckpointHandler(run_dir, keep=conf.output.keep_checkpoints).list():
             raise RunExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                                  "or choose another output.name / output.directory")
-        handlers = reporting.setup_logging(run_dir, info.is_main)
-        torch.set_default_dtype(dtype)
-        run = _Run(conf, run_dir, info, device, dtype, explicit, checkpoint_steps, callbacks)
-        return run.train(model_factory, resume)
+        with reporting.training_log(run_dir, info.is_main):
+            torch.set_default_dtype(dtype)
+            run = _Run(conf, run_dir, info, device, dtype, explicit, checkpoint_steps, callbacks)
+            return run.train(model_factory, resume)
     finally:
         torch.set_default_dtype(old_dtype)
-        reporting.remove_handlers(handlers)
         if lock is not None:
             lock.release()
 
