@@ -26,13 +26,12 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms, units
 
 from polarmace.calculator import PolarMACECalculator
 from polarmace.cli import driver
-from polarmace.model import build_model
 from repo_paths import ROOT
+from tiny_water import tiny_model_file, water_molecules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,36 +39,6 @@ N_STEPS = 12
 
 
 # ------------------------------------------------------------------------------ fixtures
-def tiny_model_file(path: Path) -> Path:
-    """A small random float64 `les` PolarMACE for H/O, saved with model.save."""
-    cfg = {"model": {"elements": ["H", "O"], "e0s": {"H": -13.6, "O": -432.0},
-                     "avg_num_neighbors": 6.0, "hidden_irreps": "4x0e+4x1o", "max_ell": 2,
-                     "correlation": 2, "num_interactions": 1, "radial_mlp": [8, 8], "r_max": 3.0,
-                     "dtype": "float64"},
-           "long_range": {"variant": "les", "sigma": 1.0}}
-    torch.manual_seed(7)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    model.save(str(path))
-    return path
-
-
-def water_molecules(n: int, spacing: float, seed: int) -> Atoms:
-    """n water molecules on a cubic grid `spacing` Å apart, random orientations."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(n ** (1 / 3)))
-    mol = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]])
-    pos, nums = [], []
-    for k in range(n):
-        q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-        centre = spacing * (np.array(np.unravel_index(k, (side,) * 3)) + 0.5)
-        pos.extend(centre + mol @ q.T)
-        nums.extend([8, 1, 1])
-    return Atoms(numbers=nums, positions=np.array(pos))
-
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.model")

@@ -1,0 +1,432 @@
+"""Water IR with quantum nuclei: thermostatted ring-polymer MD (TRPMD) in i-PI, forces from the
+model through polarmace-driver, IR from the bead-averaged dipole derivative.
+
+Classical MD (benchmarks/water_ir.py) cannot red-shift the O–H stretch the way zero-point motion
+does; TRPMD (Rossi, Ceriotti, Manolopoulos, J. Chem. Phys. 140, 234116 (2014)) can. P beads per
+atom; the internal ring-polymer modes get a Langevin thermostat at λ = 0.5 of critical damping
+(i-PI's PILE, `pile_lambda`), the centroid a global SVR thermostat with a long τ that leaves its
+dynamics almost Newtonian. The Kubo-transformed correlation of the bead-averaged dipole
+derivative,
+
+    Ṁ(t) = (1/P) Σ_k Σ_i Z*_i(q_i^(k)) · v_i^(k)        (e·Å/fs; k = bead, i = atom),
+
+goes through the same estimator and the same harmonic prefactor βħω/(1 − e^{−βħω}) as the
+classical series (polarmace.spectra.ir_spectrum), which is how the Kubo-transformed and the
+standard correlation functions are related. P = 1 is classical MD with the same thermostat, so
+`--beads 1` and `--beads P` at equal everything else measure the quantum shift alone.
+
+    python benchmarks/water_ir_trpmd.py --model benchmarks/results/water_amoeba/uiu_f32_e70_core.model \\
+        --dtype float32 --beads 8 --equil-ps 0.5 --prod-ps 3 --out results/water_trpmd_p8
+
+Steps, each resumable with --resume: (1) i-PI writes bead positions and velocities every
+`--sample-every` steps (i-PI checkpoints every 100 steps; a killed run restarts from the last
+one, and the frames written after it are cut from the trajectories first); (2) the Born
+effective charges of every sampled bead frame, in `--workers` processes, cached per bead in
+dpdt_bead<k>.npy; (3) series.npz (readable by `water_ir.py --reanalyse`), spectrum.csv,
+water_ir.png and results.json, with the peak table printed against experiment. The centroid-
+virial kinetic energy of H (meV) is printed as the measure of how quantum the run is: 3/2 k_B T
+= 38.8 meV at 300 K classically, ≈ 140 meV for converged quantum water.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parent
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import water_ir  # noqa: E402  (the classical protocol's spectrum, peaks and plot)
+
+PREFIX = "sim"
+CHECKPOINT_STRIDE = 100  # i-PI steps between checkpoints (50 fs at the default dt)
+MS_TO_ANG_FS = 1e-5
+
+
+class RunFailed(RuntimeError):
+    """i-PI or a driver stopped before the requested steps."""
+
+
+class UsageError(ValueError):
+    """A mistake in the command line (exit status 2)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="trained model (.pt/.model or exported .ts)")
+    p.add_argument("--beads", type=int, default=8, help="ring-polymer beads P (1 = classical)")
+    p.add_argument("--structure", default=str(water_ir.SHARED / "water_structures" / "liquid-64.xyz"))
+    p.add_argument("--experimental", default=str(water_ir.SHARED / "water_ir_experimental"
+                                                 / "water_IR_Segelstein_alpha_200-4500.csv"))
+    p.add_argument("--temperature", type=float, default=water_ir.DEFAULT_TEMPERATURE, help="K")
+    p.add_argument("--dt", type=float, default=0.5, help="time step, fs")
+    p.add_argument("--equil-ps", type=float, default=0.5)
+    p.add_argument("--prod-ps", type=float, default=3.0)
+    p.add_argument("--sample-every", type=int, default=6,
+                   help="steps between stored bead frames (6 × 0.5 fs: Nyquist 5,560 cm⁻¹)")
+    p.add_argument("--equil-tau-fs", type=float, default=20.0,
+                   help="Langevin time constant of the centroid in the equilibration, fs")
+    p.add_argument("--centroid-tau-fs", type=float, default=1000.0,
+                   help="SVR time constant of the centroid thermostat in the production, fs")
+    p.add_argument("--block-ps", type=float, default=1.0, help="ACF block length, ps")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"))
+    p.add_argument("--clients", type=int, default=2, help="polarmace-driver processes (one thread each)")
+    p.add_argument("--workers", type=int, default=2, help="processes for the Born effective charges")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--out", type=Path, default=Path("results/water_trpmd"))
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=SPECTRUM_CSV",
+                   help="overlay the spectrum.csv of an earlier run in the plot (repeatable)")
+    return p.parse_args(argv)
+
+
+# ================================================================================ i-PI files
+def ipi_structure(symbols: List[str], positions: np.ndarray, box: np.ndarray) -> str:
+    """i-PI's xyz input: orthorhombic box lengths (Å) in the CELL(abcABC) comment."""
+    lines = [str(len(symbols)), f"# CELL(abcABC): {box[0]:.8f} {box[1]:.8f} {box[2]:.8f} 90 90 90 "
+             "cell{angstrom} positions{angstrom}"]
+    lines += [f"{s} {x:.8f} {y:.8f} {z:.8f}" for s, (x, y, z) in zip(symbols, positions)]
+    return "\n".join(lines) + "\n"
+
+
+def ipi_input(args: argparse.Namespace, address: str, total_steps: int, stage: str) -> str:
+    """i-PI input of one stage. "equilibration": PILE-L, a local Langevin thermostat of
+    time constant --equil-tau-fs on the centroid (it takes out the heat of a start structure
+    that is not at the model's equilibrium) and λ = 0.5 on the internal modes; it writes only
+    the properties. "production": TRPMD from the equilibration's final state, PILE-G (SVR on the
+    centroid with --centroid-tau-fs, λ = 0.5 on the internal modes); it writes bead positions
+    and velocities every --sample-every steps."""
+    stride = args.sample_every
+    if stage == "equilibration":
+        start = f"""<file mode="xyz" units="angstrom"> init.xyz </file>
+              <velocities mode="thermal" units="kelvin"> {args.temperature} </velocities>"""
+        thermostat, tau, trajectories = "pile_l", args.equil_tau_fs, ""
+    else:
+        start = '<file mode="chk"> ../equilibration/RESTART </file>'
+        thermostat, tau = "pile_g", args.centroid_tau_fs
+        trajectories = f"""
+            <trajectory filename="pos" stride="{stride}" format="xyz" cell_units="angstrom"> positions{{angstrom}} </trajectory>
+            <trajectory filename="vel" stride="{stride}" format="xyz"> velocities{{m/s}} </trajectory>"""
+    return textwrap.dedent(f"""\
+        <simulation verbosity="low" safe_stride="{CHECKPOINT_STRIDE}" floatformat="%25.16e">
+          <output prefix="{PREFIX}">
+            <properties stride="{stride}" filename="out"> [ step, time{{picosecond}}, conserved{{electronvolt}},
+              temperature{{kelvin}}, potential{{electronvolt}}, kinetic_cv{{electronvolt}}(H) ] </properties>{trajectories}
+            <checkpoint stride="{CHECKPOINT_STRIDE}" filename="chk" overwrite="true"/>
+          </output>
+          <total_steps> {total_steps} </total_steps>
+          <prng><seed> {args.seed + (1 if stage == "equilibration" else 2)} </seed></prng>
+          <ffsocket name="polarmace" mode="unix" pbc="false">
+            <address> {address} </address>
+            <latency> 1e-4 </latency>
+          </ffsocket>
+          <system>
+            <initialize nbeads="{args.beads}">
+              {start}
+            </initialize>
+            <forces> <force forcefield="polarmace"> </force> </forces>
+            <motion mode="dynamics">
+              <dynamics mode="nvt">
+                <timestep units="femtosecond"> {args.dt} </timestep>
+                <thermostat mode="{thermostat}">
+                  <tau units="femtosecond"> {tau} </tau>
+                  <pile_lambda> 0.5 </pile_lambda>
+                </thermostat>
+              </dynamics>
+            </motion>
+            <ensemble> <temperature units="kelvin"> {args.temperature} </temperature> </ensemble>
+          </system>
+        </simulation>
+        """)
+
+
+def read_trajectory(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps [F] and values [F, N, 3] of an i-PI xyz trajectory (the units it was written in).
+    A frame repeated by a restart keeps its last copy; a truncated last frame is dropped."""
+    lines = path.read_text().splitlines()
+    frames = {}
+    k = 0
+    while k < len(lines):
+        n = int(lines[k])
+        body = lines[k + 2:k + 2 + n]
+        if len(body) < n:
+            break
+        step = int(re.search(r"Step:\s*(\d+)", lines[k + 1]).group(1))
+        frames[step] = np.array([row.split()[1:4] for row in body], dtype=float)
+        k += 2 + n
+    steps = np.array(sorted(frames))
+    return steps, np.stack([frames[s] for s in steps]) if len(steps) else np.zeros((0, 0, 3))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step an i-PI checkpoint (XML) was written at."""
+    match = re.search(r"<step>\s*(\d+)\s*</step>", path.read_text())
+    if match is None:
+        raise RunFailed(f"{path}: no <step> in the checkpoint; delete --out to start again")
+    return int(match.group(1))
+
+
+def cut_after(path: Path, last_step: int) -> None:
+    """Drop the frames (xyz) or rows (properties) of `path` written after `last_step`, so that
+    i-PI, restarted from the checkpoint at `last_step`, appends to a clean file."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept: List[str] = []
+    if path.suffix == ".xyz":
+        k = 0
+        while k < len(lines):
+            n = int(lines[k])
+            match = re.search(r"Step:\s*(\d+)", lines[k + 1]) if k + 1 < len(lines) else None
+            if match is None or int(match.group(1)) > last_step or k + 2 + n > len(lines):
+                break
+            kept += lines[k:k + 2 + n]
+            k += 2 + n
+    else:
+        for line in lines:
+            if line.startswith("#") or (line.strip() and int(float(line.split()[0])) <= last_step):
+                kept.append(line)
+    path.write_text("".join(kept))
+
+
+# ================================================================================== the MD
+def _steps_done(out: Path) -> int:
+    props = out / f"{PREFIX}.out"
+    if not props.exists():
+        return 0
+    rows = [line for line in props.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return int(float(rows[-1].split()[0])) if rows else 0
+
+
+def _clear_stale_socket(address: str) -> None:
+    """Remove the UNIX socket file a killed i-PI left behind (i-PI refuses to bind over it);
+    one that still answers belongs to a live i-PI and is an error."""
+    import socket
+
+    from polarmace.cli.driver import IPI_SOCKET_PREFIX
+
+    path = IPI_SOCKET_PREFIX + address
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise RunFailed(f"{path}: another i-PI is serving this run's socket; stop it before --resume")
+
+
+def run_stage(args: argparse.Namespace, stage_dir: Path, last_step: int) -> float:
+    """Run (or, from its checkpoint, continue) one i-PI stage in `stage_dir` with `--clients`
+    drivers until step `last_step` is written; returns the wall time, s (0 if already done)."""
+    from tqdm import tqdm
+
+    checkpoint = stage_dir / f"{PREFIX}.chk"
+    if _steps_done(stage_dir) >= last_step and (stage_dir / "RESTART").exists():
+        return 0.0
+    if checkpoint.exists():  # a killed run: continue from the checkpoint, on clean outputs
+        done = checkpoint_step(checkpoint)
+        for path in stage_dir.glob(f"{PREFIX}.*_*.xyz"):
+            cut_after(path, done)
+        cut_after(stage_dir / f"{PREFIX}.out", done)
+        source = checkpoint
+    else:
+        source = stage_dir / "input.xml"
+    address = re.search(r"<address>\s*(\S+)\s*</address>", source.read_text()).group(1)
+    _clear_stale_socket(address)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    with open(stage_dir / "ipi.log", "a") as log:
+        ipi = subprocess.Popen([shutil.which("i-pi"), source.name], cwd=stage_dir, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    drivers = []
+    for c in range(args.clients):
+        cmd = [sys.executable, "-m", "polarmace.cli.driver", "--model", str(Path(args.model).resolve()),
+               "--structure", str((args.out / "structure.extxyz").resolve()), "--address", f"unix:{address}",
+               "--connect-wait", "120"]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        with open(stage_dir / f"driver{c}.log", "a") as log:
+            drivers.append(subprocess.Popen(cmd, cwd=stage_dir, env=env, stdout=log, stderr=subprocess.STDOUT))
+    bar = tqdm(total=last_step, initial=_steps_done(stage_dir), desc=f"{stage_dir.name} P={args.beads}",
+               unit="step")
+    try:
+        while ipi.poll() is None:
+            time.sleep(5.0)
+            bar.n = _steps_done(stage_dir)
+            bar.refresh()
+            if all(d.poll() not in (None, 0) for d in drivers):
+                raise RunFailed(f"every polarmace-driver stopped (see {stage_dir}/driver*.log)")
+    finally:
+        bar.close()
+        for proc in (ipi, *drivers):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (ipi, *drivers):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if _steps_done(stage_dir) < last_step or not (stage_dir / "RESTART").exists():
+        raise RunFailed(f"i-PI stopped at step {_steps_done(stage_dir)} of {last_step} "
+                        f"(see {stage_dir}/ipi.log); continue with --resume")
+    return time.perf_counter() - t0
+
+
+# ============================================================================ dipole series
+def bead_dipole_derivatives(args: argparse.Namespace, numbers: np.ndarray,
+                            cell: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps [F] and Σ_i Z*_i·v_i per bead [P, F, 3] (e·Å/fs) of the production frames; each
+    bead's series is cached in dpdt_bead<k>.npz."""
+    from polarmace.bec_series import dipole_derivatives
+
+    series, steps_ref = [], None
+    for k in range(args.beads):
+        cache = args.out / f"dpdt_bead{k}.npz"
+        steps, pos = read_trajectory(args.out / "production" / f"{PREFIX}.pos_{k}.xyz")
+        steps_v, vel = read_trajectory(args.out / "production" / f"{PREFIX}.vel_{k}.xyz")
+        if not np.array_equal(steps, steps_v):
+            raise RunFailed(f"bead {k}: positions and velocities hold different steps; rerun with --resume")
+        keep = steps > 0  # step 0 is the equilibration's last frame
+        steps, pos, vel = steps[keep], pos[keep], vel[keep] * MS_TO_ANG_FS
+        if cache.exists():
+            with np.load(cache) as blob:
+                if np.array_equal(blob["steps"], steps):
+                    series.append(blob["dpdt"])
+                    steps_ref = steps
+                    continue
+        dpdt = dipole_derivatives(str(args.model), numbers, cell, pos, vel, dtype=args.dtype,
+                                  workers=args.workers, progress=f"Born charges, bead {k + 1}/{args.beads}")
+        np.savez(cache, steps=steps, dpdt=dpdt)
+        series.append(dpdt)
+        steps_ref = steps
+    return steps_ref, np.stack(series)
+
+
+def properties(out: Path) -> np.ndarray:
+    """i-PI's properties rows: step, time ps, conserved eV, T K, potential eV, kinetic_cv(H) eV."""
+    rows = [line.split() for line in (out / f"{PREFIX}.out").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    table = {int(float(r[0])): [float(x) for x in r] for r in rows}  # a restart's repeats: the last
+    return np.array([table[s] for s in sorted(table)])
+
+
+# ================================================================================== driver
+def prepare(args: argparse.Namespace, n_equil: int, n_prod: int) -> None:
+    """init.xyz, structure.extxyz (the species for the drivers) and one input.xml per stage."""
+    import ase.io
+
+    atoms = ase.io.read(args.structure, index=-1)
+    atoms.pbc = True
+    if not np.allclose(atoms.cell.angles(), 90.0):
+        raise UsageError(f"--structure {args.structure}: i-PI's xyz input here takes an orthorhombic cell")
+    for stage, steps in (("equilibration", n_equil), ("production", n_prod)):
+        (args.out / stage).mkdir(parents=True, exist_ok=True)
+        address = f"pmtrpmd{uuid.uuid4().hex[:8]}"
+        # i-PI runs total_steps steps and writes steps 0, stride, ..., total_steps
+        (args.out / stage / "input.xml").write_text(ipi_input(args, address, steps, stage))
+    (args.out / "equilibration" / "init.xyz").write_text(
+        ipi_structure(atoms.get_chemical_symbols(), atoms.positions, atoms.cell.lengths()))
+    ase.io.write(args.out / "structure.extxyz", atoms, format="extxyz")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ase.io
+
+    stride = args.sample_every  # i-PI writes step 0 and every stride-th step after it
+    n_equil = stride * max(1, int(round(args.equil_ps * 1000 / args.dt / stride)))
+    n_prod = stride * int(round(args.prod_ps * 1000 / args.dt / stride))
+    if not (args.out / "structure.extxyz").exists():
+        prepare(args, n_equil, n_prod)
+    elif not args.resume:
+        raise UsageError(f"--out {args.out} already holds a run: pass --resume, or choose another --out")
+    production = args.out / "production"
+    md_wall = run_stage(args, args.out / "equilibration", n_equil)
+    md_wall += run_stage(args, production, n_prod)
+    atoms = ase.io.read(args.out / "structure.extxyz")
+    t0 = time.perf_counter()
+    steps, per_bead = bead_dipole_derivatives(args, atoms.numbers, atoms.cell.array)
+    bec_wall = time.perf_counter() - t0
+    prod = properties(production)
+    prod = prod[prod[:, 0] > 0]  # step 0 is the equilibration's last frame
+    series = {"kind": "dpdt", "signal": per_bead.mean(axis=0), "dt_fs": args.dt * args.sample_every,
+              "volume": atoms.get_volume(), "temperature": prod[:, 3], "total_energy": prod[:, 2],
+              "n_atoms": len(atoms), "source": f"{args.model} (TRPMD, P={args.beads})",
+              "target_temperature_K": args.temperature, "beads": args.beads}
+    np.savez(args.out / "series.npz", **series)
+    spec = water_ir.spectrum_of(series, args.temperature, args.block_ps)
+    exp = water_ir.experimental_peaks(args.experimental)
+    rows = {}
+    for name, (lo, hi) in water_ir.WINDOWS.items():
+        peak = spec.peak(lo, hi)
+        rows[name] = {"model_cm-1": peak, "experiment_cm-1": exp[name],
+                      "relative_error": (peak - exp[name]) / exp[name]}
+    np.savetxt(args.out / "spectrum.csv", np.c_[spec.frequency, spec.intensity], delimiter=",",
+               header=f"wavenumber_cm-1,intensity_{spec.unit.replace(' ', '')}")
+    water_ir._plot(args, spec, exp, f"model, TRPMD P={args.beads}")
+    times_ps = prod[:, 1]
+    return {"peaks": rows, "beads": args.beads, "resolution_cm-1": spec.resolution,
+            "md_wall_s": md_wall, "bec_wall_s": bec_wall, "frames": int(len(steps)),
+            "mean_temperature_K": float(np.mean(prod[:, 3])),
+            "kinetic_cv_H_meV": float(np.mean(prod[:, 5])) * 1000.0 / int(np.sum(atoms.numbers == 1)),
+            "conserved_drift_eV_per_atom_ps": float(np.polyfit(times_ps, prod[:, 2] / len(atoms), 1)[0]),
+            "model": str(args.model), "prod_ps": n_prod * args.dt / 1000, "equil_ps": n_equil * args.dt / 1000,
+            "sample_fs": args.dt * args.sample_every, "block_ps": args.block_ps,
+            "centroid_tau_fs": args.centroid_tau_fs, "equil_tau_fs": args.equil_tau_fs, "temperature_K": args.temperature, "seed": args.seed}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.beads < 1:
+        print(f"error: --beads {args.beads}: need at least 1", file=sys.stderr)
+        return 2
+    if shutil.which("i-pi") is None:
+        print("error: i-pi is not on PATH (pip install ipi)", file=sys.stderr)
+        return 2
+    if not Path(args.model).is_file():
+        print(f"error: --model {args.model}: no such file", file=sys.stderr)
+        return 2
+    for item in args.also:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            print(f"error: --also {item!r}: expected LABEL=path/to/spectrum.csv of an existing file",
+                  file=sys.stderr)
+            return 2
+    try:
+        res = run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"TRPMD P={res['beads']}: {res['frames']} frames, <T> = {res['mean_temperature_K']:.0f} K, "
+          f"H centroid-virial kinetic energy {res['kinetic_cv_H_meV']:.1f} meV "
+          f"(classical {1.5 * 8.617333e-2 * args.temperature:.1f})")
+    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
+    for name, row in res["peaks"].items():
+        print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "
+              f"{100 * row['relative_error']:7.1f}%")
+    print(f"MD {res['md_wall_s']:.0f} s, Born charges {res['bec_wall_s']:.0f} s")
+    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
