@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -172,6 +173,38 @@ def spectrum_of(series: dict, temperature: float, block_ps: float):
                      correction="harmonic", volume=float(series["volume"]))
 
 
+def peak_table(spec, exp: dict) -> dict:
+    """Per band: the spectrum's peak, the experimental one (cm⁻¹) and the relative error."""
+    rows = {}
+    for name, (lo, hi) in WINDOWS.items():
+        peak = spec.peak(lo, hi)
+        rows[name] = {"model_cm-1": peak, "experiment_cm-1": exp[name],
+                      "relative_error": (peak - exp[name]) / exp[name]}
+    return rows
+
+
+def write_spectrum(out: Path, spec) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    np.savetxt(out / "spectrum.csv", np.c_[spec.frequency, spec.intensity], delimiter=",",
+               header=f"wavenumber_cm-1,intensity_{spec.unit.replace(' ', '')}")
+
+
+def print_peaks(rows: dict) -> None:
+    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
+    for name, row in rows.items():
+        print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "
+              f"{100 * row['relative_error']:7.1f}%")
+
+
+def bad_overlay(items) -> Optional[str]:
+    """The error line for the first --also item that is not LABEL=existing/spectrum.csv."""
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            return f"error: --also {item!r}: expected LABEL=path/to/spectrum.csv of an existing file"
+    return None
+
+
 def run(args: argparse.Namespace) -> dict:
     import ase.io
 
@@ -193,14 +226,8 @@ def run(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     spec = spectrum_of(series, args.temperature, args.block_ps)
     exp = experimental_peaks(args.experimental)
-    rows = {}
-    for name, (lo, hi) in WINDOWS.items():
-        model_peak = spec.peak(lo, hi)
-        rows[name] = {"model_cm-1": model_peak, "experiment_cm-1": exp[name],
-                      "relative_error": (model_peak - exp[name]) / exp[name]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    np.savetxt(args.out / "spectrum.csv", np.c_[spec.frequency, spec.intensity], delimiter=",",
-               header=f"wavenumber_cm-1,intensity_{spec.unit.replace(' ', '')}")
+    rows = peak_table(spec, exp)
+    write_spectrum(args.out, spec)
     source = str(series["source"])
     _plot(args, spec, exp, "AMOEBA (reference MD)" if source.startswith("AMOEBA") else "model")
     etot = np.asarray(series["total_energy"])
@@ -248,12 +275,10 @@ def main(argv=None) -> int:
     if args.reanalyse and not args.reanalyse.is_file():
         print(f"error: --reanalyse {args.reanalyse}: no such file", file=sys.stderr)
         return 2
-    for item in args.also:  # checked before the MD, not after it
-        label, sep, path = item.partition("=")
-        if not sep or not label or not Path(path).is_file():
-            print(f"error: --also {item!r}: expected LABEL=path/to/spectrum.csv of an existing file",
-                  file=sys.stderr)
-            return 2
+    problem = bad_overlay(args.also)  # checked before the MD, not after it
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         res = run(args)
     except UnstableMD as err:
@@ -265,10 +290,7 @@ def main(argv=None) -> int:
         print(f"error: the model's MD became unstable: {err}; no spectrum. The last {len(err.frames)} "
               f"frames are in {path}", file=sys.stderr)
         return 1
-    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
-    for name, row in res["peaks"].items():
-        print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "
-              f"{100 * row['relative_error']:7.1f}%")
+    print_peaks(res["peaks"])
     print(f"grid resolution {res['resolution_cm-1']:.1f} cm⁻¹, <T> = {res['mean_temperature_K']:.0f} K, "
           f"NVE drift {res['nve_drift_eV_per_atom_ps']:.2e} eV/atom/ps, wall {res['wall_s']:.0f} s")
     (args.out / "results.json").write_text(json.dumps(res, indent=2))

@@ -4,28 +4,32 @@ model through polarmace-driver, IR from the bead-averaged dipole derivative.
 Classical MD (benchmarks/water_ir.py) cannot red-shift the O–H stretch the way zero-point motion
 does; TRPMD (Rossi, Ceriotti, Manolopoulos, J. Chem. Phys. 140, 234116 (2014)) can. P beads per
 atom; the internal ring-polymer modes get a Langevin thermostat at λ = 0.5 of critical damping
-(i-PI's PILE, `pile_lambda`), the centroid a global SVR thermostat with a long τ that leaves its
-dynamics almost Newtonian. The Kubo-transformed correlation of the bead-averaged dipole
-derivative,
+(i-PI's PILE, `pile_lambda`), the centroid a global SVR thermostat (one velocity scale for the
+whole box, which leaves the vibrational frequencies alone). The Kubo-transformed correlation of
 
-    Ṁ(t) = (1/P) Σ_k Σ_i Z*_i(q_i^(k)) · v_i^(k)        (e·Å/fs; k = bead, i = atom),
+    Ṁ(t) = (1/P) Σ_k Σ_i Z*_i(q^(k)) · v_i^(k)        (e·Å/fs; k = bead, i = atom)
 
 goes through the same estimator and the same harmonic prefactor βħω/(1 − e^{−βħω}) as the
-classical series (polarmace.spectra.ir_spectrum), which is how the Kubo-transformed and the
-standard correlation functions are related. P = 1 is classical MD with the same thermostat, so
-`--beads 1` and `--beads P` at equal everything else measure the quantum shift alone.
+classical series (polarmace.spectra.ir_spectrum): that factor is the exact relation between the
+Kubo-transformed and the standard correlation functions. P = 1 is classical MD with the same
+thermostats, so `--beads 1` and `--beads P`, all else equal, measure the quantum shift alone.
 
     python benchmarks/water_ir_trpmd.py --model benchmarks/results/water_amoeba/uiu_f32_e70_core.model \\
         --dtype float32 --beads 8 --equil-ps 0.5 --prod-ps 3 --out results/water_trpmd_p8
 
-Steps, each resumable with --resume: (1) i-PI writes bead positions and velocities every
-`--sample-every` steps (i-PI checkpoints every 100 steps; a killed run restarts from the last
-one, and the frames written after it are cut from the trajectories first); (2) the Born
-effective charges of every sampled bead frame, in `--workers` processes, cached per bead in
-dpdt_bead<k>.npy; (3) series.npz (readable by `water_ir.py --reanalyse`), spectrum.csv,
-water_ir.png and results.json, with the peak table printed against experiment. The centroid-
-virial kinetic energy of H (meV) is printed as the measure of how quantum the run is: 3/2 k_B T
-= 38.8 meV at 300 K classically, ≈ 140 meV for converged quantum water.
+Stages, each resumable with --resume (i-PI checkpoints every 100 steps; a killed run restarts
+from the last checkpoint, after the frames written since are cut from its files):
+1. equilibration/: PILE-L (local Langevin, --equil-tau-fs on the centroid), from --structure;
+2. production/: PILE-G from the equilibration's final state; bead positions and velocities
+   every --sample-every steps;
+3. the Born effective charges of every sampled bead frame (--dipole-on beads, cached per bead in
+   dpdt_bead<k>.npz) or of the centroid only (--dipole-on centroid), in --workers processes;
+4. series.npz (readable by `water_ir.py --reanalyse`), spectrum.csv, water_ir.png and
+   results.json (in --out/centroid_dipole for --dipole-on centroid), and the peak table.
+
+The centroid-virial kinetic energy of H is printed as the measure of how quantum the run is:
+3/2 k_B T = 38.8 meV at 300 K for classical nuclei; deep inelastic neutron scattering on liquid
+water gives about 140 meV.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
 import water_ir  # noqa: E402  (the classical protocol's spectrum, peaks and plot)
+
+from polarmace.cli.driver import ipi_xyz  # noqa: E402
 
 PREFIX = "sim"
 CHECKPOINT_STRIDE = 100  # i-PI steps between checkpoints (50 fs at the default dt)
@@ -79,9 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps between stored bead frames (6 × 0.5 fs: Nyquist 5,560 cm⁻¹)")
     p.add_argument("--equil-tau-fs", type=float, default=20.0,
                    help="Langevin time constant of the centroid in the equilibration, fs")
-    p.add_argument("--centroid-tau-fs", type=float, default=1000.0,
+    p.add_argument("--centroid-tau-fs", type=float, default=100.0,
                    help="SVR time constant of the centroid thermostat in the production, fs")
     p.add_argument("--block-ps", type=float, default=1.0, help="ACF block length, ps")
+    p.add_argument("--dipole-on", choices=("beads", "centroid"), default="beads",
+                   help="Born charges of every bead (the TRPMD estimator) or of the centroid only "
+                        "(P times cheaper; exact for a dipole linear in the positions)")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"))
     p.add_argument("--clients", type=int, default=2, help="polarmace-driver processes (one thread each)")
     p.add_argument("--workers", type=int, default=2, help="processes for the Born effective charges")
@@ -94,14 +103,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ================================================================================ i-PI files
-def ipi_structure(symbols: List[str], positions: np.ndarray, box: np.ndarray) -> str:
-    """i-PI's xyz input: orthorhombic box lengths (Å) in the CELL(abcABC) comment."""
-    lines = [str(len(symbols)), f"# CELL(abcABC): {box[0]:.8f} {box[1]:.8f} {box[2]:.8f} 90 90 90 "
-             "cell{angstrom} positions{angstrom}"]
-    lines += [f"{s} {x:.8f} {y:.8f} {z:.8f}" for s, (x, y, z) in zip(symbols, positions)]
-    return "\n".join(lines) + "\n"
-
-
 def ipi_input(args: argparse.Namespace, address: str, total_steps: int, stage: str) -> str:
     """i-PI input of one stage. "equilibration": PILE-L, a local Langevin thermostat of
     time constant --equil-tau-fs on the centroid (it takes out the heat of a start structure
@@ -290,33 +291,52 @@ def run_stage(args: argparse.Namespace, stage_dir: Path, last_step: int) -> floa
 
 
 # ============================================================================ dipole series
-def bead_dipole_derivatives(args: argparse.Namespace, numbers: np.ndarray,
-                            cell: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Steps [F] and Σ_i Z*_i·v_i per bead [P, F, 3] (e·Å/fs) of the production frames; each
-    bead's series is cached in dpdt_bead<k>.npz."""
+def production_frames(args: argparse.Namespace, bead: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps [F], positions [F, N, 3] Å and velocities [F, N, 3] Å/fs of one bead's production
+    frames (step 0, the equilibration's last frame, left out)."""
+    steps, pos = read_trajectory(args.out / "production" / f"{PREFIX}.pos_{bead}.xyz")
+    steps_v, vel = read_trajectory(args.out / "production" / f"{PREFIX}.vel_{bead}.xyz")
+    if not np.array_equal(steps, steps_v):
+        raise RunFailed(f"bead {bead}: positions and velocities hold different steps; rerun with --resume")
+    keep = steps > 0
+    return steps[keep], pos[keep], vel[keep] * MS_TO_ANG_FS
+
+
+def _cached(path: Path, steps: np.ndarray, compute) -> np.ndarray:
+    """The dP/dt series stored in `path` for exactly these steps, else compute() (and store it)."""
+    if path.exists():
+        with np.load(path) as blob:
+            if np.array_equal(blob["steps"], steps):
+                return blob["dpdt"]
+    dpdt = compute()
+    np.savez(path, steps=steps, dpdt=dpdt)
+    return dpdt
+
+
+def dipole_derivative_series(args: argparse.Namespace, numbers: np.ndarray,
+                             cell: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps [F] and Ṁ [F, 3] e·Å/fs of the production. --dipole-on beads: the TRPMD estimator
+    (1/P) Σ_k Σ_i Z*_i(q^(k))·v^(k), the Born charges of every bead (cached per bead in
+    dpdt_bead<k>.npz). centroid: Σ_i Z*_i(q̄)·v̄ with the bead-averaged positions and velocities,
+    P times cheaper, the same for a dipole linear in the positions (dpdt_centroid.npz)."""
     from polarmace.bec_series import dipole_derivatives
 
-    series, steps_ref = [], None
-    for k in range(args.beads):
-        cache = args.out / f"dpdt_bead{k}.npz"
-        steps, pos = read_trajectory(args.out / "production" / f"{PREFIX}.pos_{k}.xyz")
-        steps_v, vel = read_trajectory(args.out / "production" / f"{PREFIX}.vel_{k}.xyz")
-        if not np.array_equal(steps, steps_v):
-            raise RunFailed(f"bead {k}: positions and velocities hold different steps; rerun with --resume")
-        keep = steps > 0  # step 0 is the equilibration's last frame
-        steps, pos, vel = steps[keep], pos[keep], vel[keep] * MS_TO_ANG_FS
-        if cache.exists():
-            with np.load(cache) as blob:
-                if np.array_equal(blob["steps"], steps):
-                    series.append(blob["dpdt"])
-                    steps_ref = steps
-                    continue
-        dpdt = dipole_derivatives(str(args.model), numbers, cell, pos, vel, dtype=args.dtype,
-                                  workers=args.workers, progress=f"Born charges, bead {k + 1}/{args.beads}")
-        np.savez(cache, steps=steps, dpdt=dpdt)
-        series.append(dpdt)
-        steps_ref = steps
-    return steps_ref, np.stack(series)
+    def on(positions, velocities, label):
+        return lambda: dipole_derivatives(str(args.model), numbers, cell, positions, velocities,
+                                          dtype=args.dtype, workers=args.workers, progress=label)
+
+    frames = [production_frames(args, k) for k in range(args.beads)]
+    steps = frames[0][0]
+    if any(not np.array_equal(f[0], steps) for f in frames):
+        raise RunFailed("the beads' trajectories hold different steps; rerun with --resume")
+    if args.dipole_on == "centroid":
+        x = np.mean([f[1] for f in frames], axis=0)  # i-PI's positions are unwrapped: no image jumps
+        v = np.mean([f[2] for f in frames], axis=0)
+        return steps, _cached(args.out / "dpdt_centroid.npz", steps, on(x, v, "Born charges, centroid"))
+    per_bead = [_cached(args.out / f"dpdt_bead{k}.npz", steps,
+                        on(f[1], f[2], f"Born charges, bead {k + 1}/{args.beads}"))
+                for k, f in enumerate(frames)]
+    return steps, np.mean(per_bead, axis=0)
 
 
 def properties(out: Path) -> np.ndarray:
@@ -342,8 +362,14 @@ def prepare(args: argparse.Namespace, n_equil: int, n_prod: int) -> None:
         # i-PI runs total_steps steps and writes steps 0, stride, ..., total_steps
         (args.out / stage / "input.xml").write_text(ipi_input(args, address, steps, stage))
     (args.out / "equilibration" / "init.xyz").write_text(
-        ipi_structure(atoms.get_chemical_symbols(), atoms.positions, atoms.cell.lengths()))
+        ipi_xyz(atoms.get_chemical_symbols(), atoms.positions, atoms.cell.lengths()))
     ase.io.write(args.out / "structure.extxyz", atoms, format="extxyz")
+
+
+def analysis_dir(args: argparse.Namespace) -> Path:
+    """Where series.npz, spectrum.csv, water_ir.png and results.json go: --out itself for the
+    bead estimator, --out/centroid_dipole for --dipole-on centroid (both can share one run)."""
+    return args.out if args.dipole_on == "beads" else args.out / "centroid_dipole"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -361,34 +387,33 @@ def run(args: argparse.Namespace) -> dict:
     md_wall += run_stage(args, production, n_prod)
     atoms = ase.io.read(args.out / "structure.extxyz")
     t0 = time.perf_counter()
-    steps, per_bead = bead_dipole_derivatives(args, atoms.numbers, atoms.cell.array)
+    steps, dpdt = dipole_derivative_series(args, atoms.numbers, atoms.cell.array)
     bec_wall = time.perf_counter() - t0
     prod = properties(production)
     prod = prod[prod[:, 0] > 0]  # step 0 is the equilibration's last frame
-    series = {"kind": "dpdt", "signal": per_bead.mean(axis=0), "dt_fs": args.dt * args.sample_every,
+    series = {"kind": "dpdt", "signal": dpdt, "dt_fs": args.dt * args.sample_every,
               "volume": atoms.get_volume(), "temperature": prod[:, 3], "total_energy": prod[:, 2],
               "n_atoms": len(atoms), "source": f"{args.model} (TRPMD, P={args.beads})",
-              "target_temperature_K": args.temperature, "beads": args.beads}
-    np.savez(args.out / "series.npz", **series)
+              "target_temperature_K": args.temperature, "beads": args.beads, "dipole_on": args.dipole_on}
+    report = analysis_dir(args)
+    report.mkdir(parents=True, exist_ok=True)
+    np.savez(report / "series.npz", **series)
     spec = water_ir.spectrum_of(series, args.temperature, args.block_ps)
     exp = water_ir.experimental_peaks(args.experimental)
-    rows = {}
-    for name, (lo, hi) in water_ir.WINDOWS.items():
-        peak = spec.peak(lo, hi)
-        rows[name] = {"model_cm-1": peak, "experiment_cm-1": exp[name],
-                      "relative_error": (peak - exp[name]) / exp[name]}
-    np.savetxt(args.out / "spectrum.csv", np.c_[spec.frequency, spec.intensity], delimiter=",",
-               header=f"wavenumber_cm-1,intensity_{spec.unit.replace(' ', '')}")
-    water_ir._plot(args, spec, exp, f"model, TRPMD P={args.beads}")
+    rows = water_ir.peak_table(spec, exp)
+    water_ir.write_spectrum(report, spec)
+    water_ir._plot(argparse.Namespace(**{**vars(args), "out": report}), spec, exp,
+                   f"model, TRPMD P={args.beads} (Z* on {args.dipole_on})")
     times_ps = prod[:, 1]
-    return {"peaks": rows, "beads": args.beads, "resolution_cm-1": spec.resolution,
+    return {"peaks": rows, "beads": args.beads, "dipole_on": args.dipole_on, "resolution_cm-1": spec.resolution,
             "md_wall_s": md_wall, "bec_wall_s": bec_wall, "frames": int(len(steps)),
             "mean_temperature_K": float(np.mean(prod[:, 3])),
             "kinetic_cv_H_meV": float(np.mean(prod[:, 5])) * 1000.0 / int(np.sum(atoms.numbers == 1)),
             "conserved_drift_eV_per_atom_ps": float(np.polyfit(times_ps, prod[:, 2] / len(atoms), 1)[0]),
             "model": str(args.model), "prod_ps": n_prod * args.dt / 1000, "equil_ps": n_equil * args.dt / 1000,
             "sample_fs": args.dt * args.sample_every, "block_ps": args.block_ps,
-            "centroid_tau_fs": args.centroid_tau_fs, "equil_tau_fs": args.equil_tau_fs, "temperature_K": args.temperature, "seed": args.seed}
+            "centroid_tau_fs": args.centroid_tau_fs, "equil_tau_fs": args.equil_tau_fs,
+            "temperature_K": args.temperature, "seed": args.seed}
 
 
 def main(argv=None) -> int:
@@ -402,12 +427,10 @@ def main(argv=None) -> int:
     if not Path(args.model).is_file():
         print(f"error: --model {args.model}: no such file", file=sys.stderr)
         return 2
-    for item in args.also:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not Path(path).is_file():
-            print(f"error: --also {item!r}: expected LABEL=path/to/spectrum.csv of an existing file",
-                  file=sys.stderr)
-            return 2
+    problem = water_ir.bad_overlay(args.also)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         res = run(args)
     except UsageError as err:
@@ -419,12 +442,9 @@ def main(argv=None) -> int:
     print(f"TRPMD P={res['beads']}: {res['frames']} frames, <T> = {res['mean_temperature_K']:.0f} K, "
           f"H centroid-virial kinetic energy {res['kinetic_cv_H_meV']:.1f} meV "
           f"(classical {1.5 * 8.617333e-2 * args.temperature:.1f})")
-    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
-    for name, row in res["peaks"].items():
-        print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "
-              f"{100 * row['relative_error']:7.1f}%")
+    water_ir.print_peaks(res["peaks"])
     print(f"MD {res['md_wall_s']:.0f} s, Born charges {res['bec_wall_s']:.0f} s")
-    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    (analysis_dir(args) / "results.json").write_text(json.dumps(res, indent=2))
     return 0
 
 

@@ -53,6 +53,16 @@ class DriverError(InputError):
     """A problem with the driver's inputs or connection; the message names the argument."""
 
 
+def ipi_xyz(symbols: Sequence[str], positions: np.ndarray, box: Sequence[float]) -> str:
+    """i-PI's xyz input (the text of init.xyz): an orthorhombic box of lengths `box` (Å) in the
+    CELL(abcABC) comment line, then one "symbol x y z" line per atom (Å)."""
+    a, b, c = (float(x) for x in box)
+    lines = [str(len(symbols)), f"# CELL(abcABC): {a:.10f} {b:.10f} {c:.10f} 90 90 90 cell{{angstrom}} "
+             "positions{angstrom}"]
+    lines += [f"{s} {x:.10f} {y:.10f} {z:.10f}" for s, (x, y, z) in zip(symbols, np.asarray(positions))]
+    return "\n".join(lines) + "\n"
+
+
 # ================================================================================ address
 @dataclass(frozen=True)
 class Address:

@@ -45,15 +45,6 @@ def model_path(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------ i-PI helpers
-def ipi_xyz(atoms: Atoms, box: np.ndarray) -> str:
-    """i-PI's xyz input: orthorhombic box lengths (Å) in the CELL(abcABC) comment."""
-    lines = [str(len(atoms)), f"# CELL(abcABC): {box[0]:.10f} {box[1]:.10f} {box[2]:.10f} 90 90 90 "
-             "cell{angstrom} positions{angstrom}"]
-    lines += [f"{s} {x:.10f} {y:.10f} {z:.10f}" for s, (x, y, z) in
-              zip(atoms.get_chemical_symbols(), atoms.positions)]
-    return "\n".join(lines) + "\n"
-
-
 def ipi_input(address: str, wrap: bool, steps: int, n_atoms: int, prefix_attr: str = "") -> str:
     """i-PI NVT (SVR thermostat, 0.5 fs) input. The properties file holds, at full precision
     (floatformat), step, time, potential (Ha), temperature, cell_h (bohr) and every atom's
@@ -131,7 +122,7 @@ def run_ipi_with_driver(workdir: Path, atoms: Atoms, box: np.ndarray, model: Pat
         sockdir = None
         prefix_attr = ""
         address_arg = f"unix:{name}"
-    (workdir / "init.xyz").write_text(ipi_xyz(atoms, box))
+    (workdir / "init.xyz").write_text(driver.ipi_xyz(atoms.get_chemical_symbols(), atoms.positions, box))
     (workdir / "input.xml").write_text(ipi_input(name, wrap, N_STEPS, len(atoms), prefix_attr))
     structure = workdir / "structure.extxyz"
     atoms.write(str(structure), format="extxyz")

@@ -115,6 +115,14 @@ def test_trpmd_series_is_the_bead_average_of_the_dipole_derivative(tmp_path, mon
         frame.positions = xk[5]  # production step 5 = series row 4 (step 0 is not in the series)
         expected += np.einsum("nab,nb->a", calc.get_property("bec", frame), vk[5] * mod.MS_TO_ANG_FS) / 2
     np.testing.assert_allclose(signal_[4], expected, rtol=1e-6, atol=1e-10)
+    # --dipole-on centroid on the same run: no new MD, Z* of the bead-averaged frame times v̄
+    assert mod.main(_args(model, _box(tmp_path), out) + ["--resume", "--dipole-on", "centroid"]) == 0
+    assert json.loads((out / "centroid_dipole" / "results.json").read_text())["md_wall_s"] == 0.0
+    frame = atoms.copy()
+    frame.positions = xs[5]
+    expected = np.einsum("nab,nb->a", calc.get_property("bec", frame), vs[5])
+    with np.load(out / "centroid_dipole" / "series.npz") as blob:
+        np.testing.assert_allclose(blob["signal"][4], expected, rtol=1e-6, atol=1e-10)
     # a second call without --resume refuses to overwrite the run
     assert mod.main(_args(model, _box(tmp_path), out)) == 2
 
