@@ -287,7 +287,11 @@ def run_stage(args: argparse.Namespace, stage_dir: Path, last_step: int) -> floa
     if _steps_done(stage_dir) < last_step or not (stage_dir / "RESTART").exists():
         raise RunFailed(f"i-PI stopped at step {_steps_done(stage_dir)} of {last_step} "
                         f"(see {stage_dir}/ipi.log); continue with --resume")
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    record = stage_dir / "wall_s.txt"  # summed over resumed pieces, so a re-analysis still knows it
+    previous = float(record.read_text()) if record.exists() else 0.0
+    record.write_text(f"{previous + wall:.1f}\n")
+    return wall
 
 
 # ============================================================================ dipole series
@@ -383,8 +387,10 @@ def run(args: argparse.Namespace) -> dict:
     elif not args.resume:
         raise UsageError(f"--out {args.out} already holds a run: pass --resume, or choose another --out")
     production = args.out / "production"
-    md_wall = run_stage(args, args.out / "equilibration", n_equil)
-    md_wall += run_stage(args, production, n_prod)
+    for stage, steps in (("equilibration", n_equil), ("production", n_prod)):
+        run_stage(args, args.out / stage, steps)
+    md_wall = sum(float((args.out / stage / "wall_s.txt").read_text())
+                  for stage in ("equilibration", "production") if (args.out / stage / "wall_s.txt").exists())
     atoms = ase.io.read(args.out / "structure.extxyz")
     t0 = time.perf_counter()
     steps, dpdt = dipole_derivative_series(args, atoms.numbers, atoms.cell.array)
