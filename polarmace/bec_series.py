@@ -5,7 +5,7 @@ e.g. the bead trajectories of a path-integral run (benchmarks/water_ir_trpmd.py)
 from __future__ import annotations
 
 from multiprocessing import get_context
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def _chunk(job) -> np.ndarray:
 
 
 def dipole_derivatives(model: str, numbers: np.ndarray, cell: np.ndarray, positions: np.ndarray,
-                       velocities: np.ndarray, pbc=True, dtype: Optional[str] = None,
+                       velocities: np.ndarray, pbc: Union[bool, Sequence[bool]] = True, dtype: Optional[str] = None,
                        eps_infty: Optional[float] = None, workers: int = 1,
                        progress: Optional[str] = None) -> np.ndarray:
     """Σ_i Z*_i·v_i [F, 3] e·Å/fs for positions [F, N, 3] Å and velocities [F, N, 3] Å/fs of
