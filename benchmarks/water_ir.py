@@ -85,6 +85,16 @@ def experimental_peaks(path: str) -> dict:
     return out
 
 
+def experimental_centroids(path: str) -> dict:
+    """Band centroids (cm⁻¹, α-weighted mean frequency) of the measured absorption per window."""
+    from polarmace.cli.spectra import read_curve
+    from polarmace.spectra import Spectrum
+
+    nu, alpha = read_curve(path, "0,3")
+    measured = Spectrum(nu, alpha)
+    return {name: measured.band_centroid(lo, hi) for name, (lo, hi) in WINDOWS.items()}
+
+
 class UnstableMD(RuntimeError):
     """The model's MD left the physical region (coincident atoms, runaway temperature)."""
 
@@ -173,13 +183,18 @@ def spectrum_of(series: dict, temperature: float, block_ps: float):
                      correction="harmonic", volume=float(series["volume"]))
 
 
-def peak_table(spec, exp: dict) -> dict:
-    """Per band: the spectrum's peak, the experimental one (cm⁻¹) and the relative error."""
+def peak_table(spec, exp: dict, exp_centroids: Optional[dict] = None) -> dict:
+    """Per band: the spectrum's peak, the experimental one (cm⁻¹) and the relative error; with
+    `exp_centroids`, also both band centroids and their relative error."""
     rows = {}
     for name, (lo, hi) in WINDOWS.items():
         peak = spec.peak(lo, hi)
         rows[name] = {"model_cm-1": peak, "experiment_cm-1": exp[name],
                       "relative_error": (peak - exp[name]) / exp[name]}
+        if exp_centroids is not None:
+            centre = spec.band_centroid(lo, hi)
+            rows[name].update({"model_centroid_cm-1": centre, "experiment_centroid_cm-1": exp_centroids[name],
+                               "centroid_relative_error": (centre - exp_centroids[name]) / exp_centroids[name]})
     return rows
 
 
@@ -190,10 +205,15 @@ def write_spectrum(out: Path, spec) -> None:
 
 
 def print_peaks(rows: dict) -> None:
-    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}")
+    print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}   (maximum)")
     for name, row in rows.items():
         print(f"{name:8s} {row['model_cm-1']:10.0f} {row['experiment_cm-1']:11.0f} "
               f"{100 * row['relative_error']:7.1f}%")
+    if all("model_centroid_cm-1" in row for row in rows.values()):
+        print(f"{'band':8s} {'model':>10s} {'experiment':>11s} {'error':>8s}   (band centroid)")
+        for name, row in rows.items():
+            print(f"{name:8s} {row['model_centroid_cm-1']:10.0f} {row['experiment_centroid_cm-1']:11.0f} "
+                  f"{100 * row['centroid_relative_error']:7.1f}%")
 
 
 def bad_overlay(items) -> Optional[str]:
@@ -226,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     spec = spectrum_of(series, args.temperature, args.block_ps)
     exp = experimental_peaks(args.experimental)
-    rows = peak_table(spec, exp)
+    rows = peak_table(spec, exp, experimental_centroids(args.experimental))
     write_spectrum(args.out, spec)
     source = str(series["source"])
     _plot(args, spec, exp, "AMOEBA (reference MD)" if source.startswith("AMOEBA") else "model")

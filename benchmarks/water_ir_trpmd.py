@@ -295,11 +295,20 @@ def run_stage(args: argparse.Namespace, stage_dir: Path, last_step: int) -> floa
 
 
 # ============================================================================ dipole series
+def bead_file(stage_dir: Path, what: str, bead: int) -> Path:
+    """i-PI's trajectory file of one bead: sim.<what>_<k>.xyz, k zero-padded to the digits of
+    the largest bead index (sim.pos_3.xyz for P = 8, sim.pos_03.xyz for P = 16)."""
+    for path in stage_dir.glob(f"{PREFIX}.{what}_*.xyz"):
+        if int(path.stem.rsplit("_", 1)[1]) == bead:
+            return path
+    raise RunFailed(f"{stage_dir}: no {what} trajectory of bead {bead}; rerun with --resume")
+
+
 def production_frames(args: argparse.Namespace, bead: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps [F], positions [F, N, 3] Å and velocities [F, N, 3] Å/fs of one bead's production
     frames (step 0, the equilibration's last frame, left out)."""
-    steps, pos = read_trajectory(args.out / "production" / f"{PREFIX}.pos_{bead}.xyz")
-    steps_v, vel = read_trajectory(args.out / "production" / f"{PREFIX}.vel_{bead}.xyz")
+    steps, pos = read_trajectory(bead_file(args.out / "production", "pos", bead))
+    steps_v, vel = read_trajectory(bead_file(args.out / "production", "vel", bead))
     if not np.array_equal(steps, steps_v):
         raise RunFailed(f"bead {bead}: positions and velocities hold different steps; rerun with --resume")
     keep = steps > 0
@@ -406,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
     np.savez(report / "series.npz", **series)
     spec = water_ir.spectrum_of(series, args.temperature, args.block_ps)
     exp = water_ir.experimental_peaks(args.experimental)
-    rows = water_ir.peak_table(spec, exp)
+    rows = water_ir.peak_table(spec, exp, water_ir.experimental_centroids(args.experimental))
     water_ir.write_spectrum(report, spec)
     water_ir._plot(argparse.Namespace(**{**vars(args), "out": report}), spec, exp,
                    f"model, TRPMD P={args.beads} (Z* on {args.dipole_on})")

@@ -80,6 +80,15 @@ class Spectrum:
         shift = 0.5 * (y0 - y2) / curvature
         return nu + shift * float(self.frequency[k + 1] - self.frequency[k])
 
+    def band_centroid(self, low: float, high: float) -> float:
+        """Intensity-weighted mean frequency (cm⁻¹) within [low, high]: a band position that,
+        unlike the maximum, does not jump between the spikes of a short, noisy spectrum."""
+        sel = (self.frequency >= low) & (self.frequency <= high)
+        weight = np.clip(self.intensity[sel], 0.0, None)
+        if not sel.any() or weight.sum() <= 0.0:
+            raise ValueError(f"no positive intensity in [{low}, {high}] cm⁻¹")
+        return float((weight * self.frequency[sel]).sum() / weight.sum())
+
     @property
     def resolution(self) -> float:
         """Grid spacing, cm⁻¹."""

@@ -53,6 +53,11 @@ def test_cut_after_keeps_what_precedes_the_checkpoint(tmp_path):
     props.write_text("# column 1 --> step\n 0.0 1.0\n 6.0 2.0\n 1.2e+01 3.0\n 1.8e+01 4.0\n")
     mod.cut_after(props, 12)
     assert props.read_text() == "# column 1 --> step\n 0.0 1.0\n 6.0 2.0\n 1.2e+01 3.0\n"
+    for k in range(16):  # i-PI pads the bead index to the digits of P − 1
+        (tmp_path / f"sim.pos_{k:02d}.xyz").write_text("")
+    assert mod.bead_file(tmp_path, "pos", 3).name == "sim.pos_03.xyz"
+    with pytest.raises(mod.RunFailed, match="bead 16"):
+        mod.bead_file(tmp_path, "pos", 16)
     ckpt = tmp_path / "sim.chk"
     ckpt.write_text("<simulation>\n  <step>300</step>\n</simulation>\n")
     assert mod.checkpoint_step(ckpt) == 300

@@ -244,3 +244,17 @@ def test_peak_is_refined_between_grid_points():
     # at the window's edge the grid point is returned (no neighbour to fit)
     edge = spec.peak(nu + 0.45 * res, nu + 5 * res)
     assert edge == pytest.approx(spec.frequency[spec.frequency >= nu + 0.45 * res][0])
+
+
+def test_band_centroid_is_the_weighted_mean_and_ignores_negative_noise():
+    from polarmace.spectra import Spectrum
+
+    nu = np.arange(0.0, 5000.0, 10.0)
+    # two lines of weights 1 and 3 at 3300 and 3500 cm⁻¹: centroid 3450; a negative dip is noise
+    y = np.zeros_like(nu)
+    y[nu == 3300.0], y[nu == 3500.0], y[nu == 3400.0] = 1.0, 3.0, -5.0
+    spec = Spectrum(nu, y)
+    assert spec.band_centroid(2800.0, 4000.0) == pytest.approx(3450.0)
+    assert spec.peak(2800.0, 4000.0) == pytest.approx(3500.0, abs=10.0)
+    with pytest.raises(ValueError, match="no positive intensity"):
+        spec.band_centroid(1000.0, 2000.0)
