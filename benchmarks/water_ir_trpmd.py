@@ -45,7 +45,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 
@@ -154,20 +154,25 @@ def ipi_input(args: argparse.Namespace, address: str, total_steps: int, stage: s
         """)
 
 
+def _xyz_frames(lines: List[str]) -> Iterator[Tuple[int, int, int]]:
+    """(step, first line, end line) of each complete frame of an i-PI xyz file, in file order;
+    it stops at a truncated frame (a run killed while writing)."""
+    k = 0
+    while k + 1 < len(lines):
+        n = int(lines[k])
+        match = re.search(r"Step:\s*(\d+)", lines[k + 1])
+        if match is None or k + 2 + n > len(lines):
+            return
+        yield int(match.group(1)), k, k + 2 + n
+        k += 2 + n
+
+
 def read_trajectory(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """Steps [F] and values [F, N, 3] of an i-PI xyz trajectory (the units it was written in).
     A frame repeated by a restart keeps its last copy; a truncated last frame is dropped."""
     lines = path.read_text().splitlines()
-    frames = {}
-    k = 0
-    while k < len(lines):
-        n = int(lines[k])
-        body = lines[k + 2:k + 2 + n]
-        if len(body) < n:
-            break
-        step = int(re.search(r"Step:\s*(\d+)", lines[k + 1]).group(1))
-        frames[step] = np.array([row.split()[1:4] for row in body], dtype=float)
-        k += 2 + n
+    frames = {step: np.array([row.split()[1:4] for row in lines[start + 2:end]], dtype=float)
+              for step, start, end in _xyz_frames(lines)}
     steps = np.array(sorted(frames))
     return steps, np.stack([frames[s] for s in steps]) if len(steps) else np.zeros((0, 0, 3))
 
@@ -188,28 +193,28 @@ def cut_after(path: Path, last_step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept: List[str] = []
     if path.suffix == ".xyz":
-        k = 0
-        while k < len(lines):
-            n = int(lines[k])
-            match = re.search(r"Step:\s*(\d+)", lines[k + 1]) if k + 1 < len(lines) else None
-            if match is None or int(match.group(1)) > last_step or k + 2 + n > len(lines):
+        for step, start, end in _xyz_frames(lines):
+            if step > last_step:
                 break
-            kept += lines[k:k + 2 + n]
-            k += 2 + n
+            kept += lines[start:end]
     else:
-        for line in lines:
-            if line.startswith("#") or (line.strip() and int(float(line.split()[0])) <= last_step):
-                kept.append(line)
+        kept = [line for line in lines
+                if line.startswith("#") or (line.strip() and int(float(line.split()[0])) <= last_step)]
     path.write_text("".join(kept))
 
 
 # ================================================================================== the MD
-def _steps_done(out: Path) -> int:
-    props = out / f"{PREFIX}.out"
-    if not props.exists():
-        return 0
-    rows = [line for line in props.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    return int(float(rows[-1].split()[0])) if rows else 0
+def _property_rows(stage_dir: Path) -> List[List[str]]:
+    """The data rows of a stage's i-PI properties file (none when it does not exist yet)."""
+    path = stage_dir / f"{PREFIX}.out"
+    if not path.exists():
+        return []
+    return [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _steps_done(stage_dir: Path) -> int:
+    rows = _property_rows(stage_dir)
+    return int(float(rows[-1][0])) if rows else 0
 
 
 def _clear_stale_socket(address: str) -> None:
@@ -354,9 +359,7 @@ def dipole_derivative_series(args: argparse.Namespace, numbers: np.ndarray,
 
 def properties(out: Path) -> np.ndarray:
     """i-PI's properties rows: step, time ps, conserved eV, T K, potential eV, kinetic_cv(H) eV."""
-    rows = [line.split() for line in (out / f"{PREFIX}.out").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-    table = {int(float(r[0])): [float(x) for x in r] for r in rows}  # a restart's repeats: the last
+    table = {int(float(r[0])): [float(x) for x in r] for r in _property_rows(out)}  # a repeat: the last
     return np.array([table[s] for s in sorted(table)])
 
 
